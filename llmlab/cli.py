@@ -1,0 +1,192 @@
+"""`llmlab <stage> …`: one table of verbs, each a Python function taking its config dataclass.
+
+Every verb accepts
+    --config FILE      YAML file with the verb's options (command-line options override it)
+    --out DIR          the run folder to write (default runs/<verb>-<time>)
+    --name NAME        the run's name in the registry (default: the folder's name)
+    --registry PATH    the SQLite run registry (default runs/registry.sqlite, or $LLMLAB_REGISTRY)
+    --json             print the run's summary as one JSON object on the last line of stdout
+    --debug            show tracebacks instead of one-line errors
+and its own options as `--key value` or `--section.key value`.
+"""
+
+import importlib
+import json
+import logging
+import os
+import sys
+
+from llmlab.errors import LlmlabError, closest
+
+# verb -> (module, function, config class, positional fields, one-line help).
+# Modules are imported only when their verb runs, so `llmlab --help` answers at once.
+STAGES = {
+    "demo": ("llmlab.demo", "demo", "DemoConfig", [],
+             "the main job on the built-in model: chat answers, generation and a perplexity report"),
+    "generate": ("llmlab.serve.generate", "generate_verb", "GenerateConfig", [],
+                 "generate text from a prompt or a file of prompts"),
+    "chat": ("llmlab.serve.chat", "chat_verb", "ChatConfig", [],
+             "interactive chat with streamed replies (/reset, /exit)"),
+    "eval ppl": ("llmlab.evaluate.perplexity", "perplexity_verb", "PerplexityConfig", [],
+                 "perplexity of a model on a text file (GPTQ protocol or sliding window)"),
+    "runs list": ("llmlab.runs", "runs_list", "RunsListConfig", [],
+                  "list the runs in the registry"),
+    "runs show": ("llmlab.runs", "runs_show", "RunsShowConfig", ["name"],
+                  "show one run's config and summary"),
+    "runs compare": ("llmlab.runs", "runs_compare", "RunsCompareConfig", ["names"],
+                     "a table of several runs' summary metrics"),
+}
+
+COMMON_VALUE = {"config", "out", "name", "registry"}
+COMMON_FLAGS = {"json", "debug", "help"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    _quiet_libraries(debug)
+    try:
+        return _run(argv)
+    except LlmlabError as e:
+        if debug:
+            raise
+        print(f"llmlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nllmlab: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(argv: list[str]) -> int:
+    verb, rest = _split_verb(argv)
+    if verb is None:
+        print(_usage())
+        return 0
+    module_name, fn_name, cfg_name, positionals, _ = STAGES[verb]
+    module = importlib.import_module(module_name)
+    cfg_cls = getattr(module, cfg_name)
+    from llmlab import config
+    from llmlab.runs import RunOptions
+
+    common, overrides, loose = _parse(rest, cfg_cls)
+    if common.pop("help", False):
+        print(_verb_help(verb, cfg_cls, positionals))
+        return 0
+    values = _positionals(loose, positionals, verb)
+    cfg = config.load(cfg_cls, common.pop("config", None), overrides)
+    for key, value in values.items():  # positionals arrive as already-typed values
+        setattr(cfg, key, value)
+    if hasattr(cfg, "__post_init__"):
+        cfg.__post_init__()
+    opts = RunOptions(**common)
+    summary = getattr(module, fn_name)(cfg, opts)
+    if opts.json and summary is not None:
+        sys.stdout.flush()
+        print(json.dumps(summary, default=str, ensure_ascii=False))
+    return 0
+
+
+def _split_verb(argv: list[str]):
+    words = []
+    for token in argv:
+        if token.startswith("-"):
+            break
+        words.append(token)
+    for n in (2, 1):
+        if " ".join(words[:n]) in STAGES:
+            return " ".join(words[:n]), argv[n:]
+    if not words:
+        if any(t in ("-h", "--help") for t in argv) or not argv:
+            return None, []
+        raise LlmlabError(f"expected a stage before '{argv[0]}'; see `llmlab --help`")
+    groups = {v.split()[0] for v in STAGES}
+    if words[0] in groups and len(words) == 1:
+        subs = [v for v in STAGES if v.startswith(words[0] + " ")]
+        raise LlmlabError(f"'{words[0]}' needs a sub-command: {', '.join(subs)}")
+    guess = " ".join(words[:2]) if words[0] in groups else words[0]
+    raise LlmlabError(f"unknown stage '{guess}'{closest(guess, [*STAGES, *groups])}; see `llmlab --help`")
+
+
+def _parse(tokens: list[str], cfg_cls):
+    """Split the tokens after the verb into common options, `--key value` overrides and positionals."""
+    from llmlab.config import bool_keys
+
+    flags = bool_keys(cfg_cls)
+    common, overrides, loose = {}, {}, []
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        i += 1
+        if token in ("-h", "--help"):
+            common["help"] = True
+            continue
+        if not token.startswith("--"):
+            loose.append(token)
+            continue
+        key, eq, value = token[2:].partition("=")
+        key = key.replace("-", "_")
+        takes_value = key in COMMON_VALUE or (key not in COMMON_FLAGS and key not in flags)
+        if not eq and takes_value:
+            if i >= len(tokens) or tokens[i].startswith("--"):
+                raise LlmlabError(f"option --{token[2:]} needs a value")
+            value, i = tokens[i], i + 1
+        elif not eq:
+            value = "true"
+        if key in COMMON_FLAGS:
+            common[key] = value.lower() in ("true", "1", "yes")
+        elif key in COMMON_VALUE:
+            common[key] = value
+        else:
+            overrides[key] = value
+    return common, overrides, loose
+
+
+def _positionals(loose: list[str], names: list[str], verb: str) -> dict:
+    if not names:
+        if loose:
+            raise LlmlabError(f"unexpected argument '{loose[0]}' for `llmlab {verb}`; options take the form --key value")
+        return {}
+    if names[-1].endswith("s"):  # a plural last name takes all remaining words
+        *single, many = names
+        if len(loose) < len(single) + 1:
+            raise LlmlabError(f"`llmlab {verb}` needs {' '.join(n.upper() for n in names)}…")
+        return {**dict(zip(single, loose)), many: loose[len(single):]}
+    if len(loose) != len(names):
+        raise LlmlabError(f"`llmlab {verb}` takes {' '.join(n.upper() for n in names)}; got {len(loose)} argument(s)")
+    return dict(zip(names, loose))
+
+
+def _usage() -> str:
+    width = max(map(len, STAGES)) + 2
+    rows = "\n".join(f"  {verb:<{width}}{entry[4]}" for verb, entry in STAGES.items())
+    return (f"usage: llmlab <stage> [--config FILE] [--key value …] [--out DIR] [--json] [--debug]\n\n"
+            f"stages:\n{rows}\n\n`llmlab <stage> --help` lists a stage's options.")
+
+
+def _verb_help(verb: str, cfg_cls, positionals: list[str]) -> str:
+    from llmlab.config import describe
+
+    rows = [r for r in describe(cfg_cls) if r[0][2:].replace("-", "_") not in positionals]
+    rows += [("--config", "", "YAML file of options"), ("--out", "runs/<verb>-<time>", "run folder"),
+             ("--name", "", "run name in the registry"), ("--registry", "runs/registry.sqlite", "run registry"),
+             ("--json", "false", "print the summary as JSON on the last line"),
+             ("--debug", "false", "show tracebacks")]
+    width = max(len(r[0]) for r in rows) + 2
+    lines = [f"  {opt:<{width}}{help_} [default: {default}]" if default else f"  {opt:<{width}}{help_}"
+             for opt, default, help_ in rows]
+    args = " ".join(p.upper() + ("…" if p.endswith("s") else "") for p in positionals)
+    return f"usage: llmlab {verb} {args} [options]\n\n{STAGES[verb][4]}\n\noptions:\n" + "\n".join(lines)
+
+
+def _quiet_libraries(debug: bool):
+    """Library chatter (HF loading bars, hub retries) buries llmlab's own output; --debug brings it back."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(message)s")
+    logging.getLogger("llmlab").setLevel(logging.DEBUG if debug else logging.INFO)
+    if not debug:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

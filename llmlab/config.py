@@ -1,0 +1,187 @@
+"""Dataclasses are the schema, YAML is plain data, `--section.key value` overrides.
+
+Every verb has a config dataclass. A run's config is built in three layers: the dataclass
+defaults, then a YAML file (`--config FILE`), then command-line overrides. Unknown keys and
+values of the wrong type are `LlmlabError`s that name the key and, where one is close, the
+valid key the user probably meant.
+"""
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from llmlab.errors import LlmlabError, closest
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def field(default=dataclasses.MISSING, help: str = "", **kw):
+    """A dataclass field with a help string shown by `llmlab VERB --help`."""
+    if isinstance(default, (list, dict)):
+        value = default
+        kw["default_factory"] = lambda: type(value)(value)
+    elif default is not dataclasses.MISSING:
+        kw["default"] = default
+    return dataclasses.field(metadata={"help": help}, **kw)
+
+
+def build(cls, data: dict | None = None, where: str = "config"):
+    """Make a `cls` dataclass from a plain dict, checking every key and value type."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in names:
+            raise LlmlabError(f"unknown key '{where}.{key}'{closest(name, names)}; "
+                              f"valid keys: {', '.join(names)}")
+        kwargs[name] = _check(value, hints[name], f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def load(cls, path: str | Path | None = None, overrides: dict[str, str] | None = None):
+    """Defaults < YAML file < `--section.key value` overrides, validated against `cls`."""
+    data = read_yaml(path) if path else {}
+    for dotted, text in (overrides or {}).items():
+        _set_override(cls, data, dotted, text)
+    return build(cls, data)
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise LlmlabError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise LlmlabError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise LlmlabError(f"{path} must hold a mapping of keys to values, not {type(data).__name__}")
+    return data
+
+
+def _set_override(cls, data: dict, dotted: str, text: str):
+    """Parse `text` by the type of the field that `dotted` names, and store it in `data`."""
+    *sections, key = dotted.replace("-", "_").split(".")
+    node, node_cls, where = data, cls, "config"
+    for section in sections:
+        hint = _field_types(node_cls, where).get(section)
+        if hint is None or not dataclasses.is_dataclass(hint):
+            _unknown(node_cls, section, where)
+        node = node.setdefault(section, {})
+        node_cls, where = hint, f"{where}.{section}"
+    hint = _field_types(node_cls, where).get(key)
+    if hint is None:
+        _unknown(node_cls, key, where)
+    node[key] = parse_text(text, hint, f"--{dotted}")
+
+
+def _field_types(cls, where: str) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _unknown(cls, key: str, where: str):
+    names = list(_field_types(cls, where))
+    raise LlmlabError(f"unknown option '{where}.{key}'{closest(key, names)}; "
+                      f"valid keys: {', '.join(names)}".replace("config.", "", 1))
+
+
+def parse_text(text: str, hint, where: str) -> Any:
+    """Turn a command-line string into a value of type `hint`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if _is_optional(hint):
+        if text.lower() in ("none", "null", ""):
+            return None
+        return parse_text(text, next(a for a in args if a is not type(None)), where)
+    if hint is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise LlmlabError(f"{where} expects true or false, got '{text}'")
+    if hint in (int, float):
+        try:
+            return hint(text)
+        except ValueError:
+            raise LlmlabError(f"{where} expects {'an integer' if hint is int else 'a number'}, "
+                              f"got '{text}'") from None
+    if origin is list:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        return [parse_text(t, args[0], where) for t in items]
+    return _check(text, hint, where)
+
+
+def _check(value, hint, where: str):
+    """Check a YAML value against a type hint; nested dicts become nested dataclasses."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise LlmlabError(f"{where} must be a mapping of keys to values")
+        return build(hint, value, where)
+    if _is_optional(hint):
+        return None if value is None else _check(value, next(a for a in args if a is not type(None)), where)
+    if origin is Literal:
+        if value not in args:
+            raise LlmlabError(f"{where} must be one of {', '.join(map(str, args))}; got '{value}'"
+                              f"{closest(str(value), map(str, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise LlmlabError(f"{where} expects a list, got {type(value).__name__} {value!r}")
+        return [_check(v, args[0], where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise LlmlabError(f"{where} expects a mapping, got {type(value).__name__}")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is Any or (isinstance(hint, type) and isinstance(value, hint)
+                       and not (hint is int and isinstance(value, bool))):
+        return value
+    name = getattr(hint, "__name__", str(hint))
+    raise LlmlabError(f"{where} expects {name}, got {type(value).__name__} {value!r}")
+
+
+def _is_optional(hint) -> bool:
+    origin = typing.get_origin(hint)
+    return origin in (Union, types.UnionType) and type(None) in typing.get_args(hint)
+
+
+def describe(cls, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(option, default, help) rows for `--help`, nested sections flattened with dots."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            rows += describe(hint, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        rows.append((f"--{prefix}{f.name.replace('_', '-')}", str(default), f.metadata.get("help", "")))
+    return rows
+
+
+def bool_keys(cls, prefix: str = "") -> set[str]:
+    """Dotted names of boolean options, which may be given as bare flags (`--greedy`)."""
+    hints = typing.get_type_hints(cls)
+    keys = set()
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys |= bool_keys(hints[f.name], f"{prefix}{f.name}.")
+        elif hints[f.name] is bool:
+            keys.add(prefix + f.name)
+    return keys

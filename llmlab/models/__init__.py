@@ -1,0 +1,8 @@
+"""Every model is a transformers causal LM with its tokenizer; these find, load and save them."""
+
+from llmlab.models.builtin import BUILTIN_NAME
+from llmlab.models.layers import decoder_layers
+from llmlab.models.load import context_length, load_model, model_names, resolve_device, resolve_dtype, save_model
+
+__all__ = ["BUILTIN_NAME", "context_length", "decoder_layers", "load_model", "model_names",
+           "resolve_device", "resolve_dtype", "save_model"]

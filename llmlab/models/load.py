@@ -1,0 +1,213 @@
+"""`load_model(spec) -> (model, tokenizer)` for every kind of model llmlab knows, and `save_model`.
+
+A spec is one of
+    smollm2-135m               the built-in model (default)
+    tiny-llama, tiny-gpt2, …   tiny random models for tests
+    path/to/hf-folder          a saved transformers model (safetensors)
+    path/to/model.gguf         a GGUF file, de-quantized by transformers
+    runs/<name>                a run folder: the model that run wrote
+    org/name                   a Hugging Face hub id (needs the network)
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llmlab.errors import LlmlabError, closest
+from llmlab.models.builtin import BUILTIN_NAME, builtin_folder
+from llmlab.models.tiny import tiny_configs, tiny_model
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise LlmlabError(f"unknown dtype '{name}'{closest(name, DTYPES)}; use fp32, bf16 or fp16")
+    return DTYPES[name]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LlmlabError(f"unknown device '{name}'; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LlmlabError(f"device '{name}' asked for, but this torch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+def model_names() -> list[str]:
+    return [BUILTIN_NAME, *tiny_configs()]
+
+
+def load_model(spec: str = BUILTIN_NAME, dtype: str | torch.dtype = "fp32", device: str = "cpu"):
+    """Load a causal LM and its tokenizer, in eval mode, on `device`, in `dtype`."""
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
+    model, tokenizer = _load(str(spec), dtype)
+    model = model.to(device=device, dtype=dtype).eval()
+    if tokenizer.pad_token is None:  # batching needs one; EOS is the usual stand-in
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _load(spec: str, dtype: torch.dtype):
+    path = Path(spec).expanduser()
+    if spec == BUILTIN_NAME:
+        return _load_folder(builtin_folder(_convert_gguf), dtype)
+    if spec in tiny_configs():
+        return tiny_model(spec)
+    if path.is_file() and path.suffix == ".gguf":
+        return _load_gguf(path, dtype)
+    if path.is_dir():
+        return _load_folder(_model_folder(path), dtype)
+    if path.exists():
+        raise LlmlabError(f"{spec} is neither a model folder nor a .gguf file")
+    if _looks_like_hub_id(spec):
+        return _load_hub(spec, dtype)
+    if "/" in spec or "\\" in spec or path.suffix:
+        raise LlmlabError(f"model path not found: {spec}")
+    raise LlmlabError(f"unknown model '{spec}'{closest(spec, model_names())}; give a built-in name "
+                      f"({', '.join(model_names())}), a model folder, a .gguf file or a hub id")
+
+
+def _model_folder(path: Path) -> Path:
+    """A run folder keeps its model in `model/`; any other folder must be an HF folder itself."""
+    if (path / "config.json").is_file():
+        return path
+    if (path / "model" / "config.json").is_file():
+        return path / "model"
+    if (path / "summary.json").is_file():
+        raise LlmlabError(f"run folder {path} holds no model (no {path / 'model'}/config.json)")
+    raise LlmlabError(f"{path} is not a model folder: it has no config.json")
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and "." not in parts[0]
+
+
+@contextlib.contextmanager
+def _reading(what: str):
+    """Turn the many ways a damaged model file fails into one clear message."""
+    try:
+        yield
+    except LlmlabError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, IndexError, EOFError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise LlmlabError(f"could not load {what}: {first} — the file may be corrupt or truncated; "
+                          "re-download or re-save it") from None
+
+
+def _load_folder(folder: Path, dtype: torch.dtype):
+    _check_safetensors(folder)
+    with _reading(f"model folder {folder}"):
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    return model, tokenizer
+
+
+def _check_safetensors(folder: Path):
+    """Open every shard's header first: a truncated shard then fails here, named, not deep in transformers."""
+    from safetensors import safe_open
+
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+            raise LlmlabError(f"{folder} holds pickled weights (.bin/.pt), which llmlab does not load "
+                              "for safety; convert them to safetensors")
+        raise LlmlabError(f"{folder} has no *.safetensors weights")
+    for shard in shards:
+        try:
+            with safe_open(shard, framework="pt") as f:
+                keys = list(f.keys())
+                if keys:
+                    f.get_slice(keys[-1])
+            _check_size(shard)
+        except Exception as e:  # safetensors raises its own error type from Rust
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise LlmlabError(f"{shard} is corrupt or truncated ({first}); re-download or re-save it") from None
+
+
+def _check_size(shard: Path):
+    """The header says where the last tensor ends; a shorter file was cut off."""
+    with open(shard, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if shard.stat().st_size < 8 + n + end:
+        raise ValueError(f"file is {shard.stat().st_size} bytes, header needs {8 + n + end}")
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    _check_gguf(path)
+    with _reading(f"GGUF file {path}"):
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    # The weights are now plain floats: forget the GGUF origin so that save_model writes a normal folder.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    return model, tokenizer
+
+
+def _check_gguf(path: Path):
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(path)
+    except Exception as e:  # gguf raises ValueError, IndexError or numpy errors on damaged files
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise LlmlabError(f"{path} is not a readable GGUF file ({first}); it may be truncated") from None
+
+
+def _load_hub(hub_id: str, dtype: torch.dtype):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(hub_id)
+        model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype, use_safetensors=True)
+    except OSError as e:
+        first = (str(e).strip().splitlines() or ["OSError"])[0][:200]
+        raise LlmlabError(f"could not get '{hub_id}' from the Hugging Face hub ({first}); check the id and "
+                          "your network, or pass a local model folder or .gguf file") from None
+    return model, tokenizer
+
+
+def _convert_gguf(gguf: Path, out: Path):
+    model, tokenizer = _load_gguf(gguf, torch.float32)
+    save_model(model, tokenizer, out)
+
+
+def save_model(model, tokenizer, out: str | Path) -> Path:
+    """Write a standard HF folder (safetensors, config, generation config, tokenizer) atomically."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def context_length(model) -> int | None:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return None
