@@ -1,0 +1,1 @@
+"""Evaluation: perplexity now; benchmarks, reports and the arena as the stage grows."""

@@ -1,0 +1,126 @@
+"""Perplexity, by the protocol of the GPTQ paper and by sliding windows.
+
+GPTQ protocol (Frantar et al. 2022, https://arxiv.org/abs/2210.17323, §4 "Evaluation"): join the
+text, tokenize it once, cut it into non-overlapping windows of `seq_len` tokens (the remainder is
+dropped), and score every token after the first of each window:
+
+    ppl = exp( Σ_windows Σ_t −log p(x_t | x_<t in window) / N_scored )
+
+Sliding window (`stride < seq_len`, as in the transformers perplexity guide): windows start every
+`stride` tokens and score only the tokens not scored before, so each token sees up to
+`seq_len − stride` tokens of earlier context. This gives lower, fairer numbers for long texts.
+"""
+
+import dataclasses
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from llmlab.config import field
+from llmlab.data.text import read_text
+from llmlab.errors import LlmlabError
+from llmlab.models import context_length, load_model
+from llmlab.runs import RunOptions, start_run
+
+
+@dataclasses.dataclass
+class PerplexityConfig:
+    model: str = field("smollm2-135m", help="model spec: built-in name, folder, .gguf, run folder or hub id")
+    data: str = field("", help="UTF-8 text file to score")
+    seq_len: int = field(2048, help="tokens per window")
+    stride: int | None = field(None, help="sliding-window step; default = seq_len (non-overlapping windows)")
+    max_windows: int | None = field(None, help="score only the first N windows")
+    batch_size: int = field(2, help="windows per forward pass")
+    dtype: str = field("fp32", help="fp32, bf16 or fp16")
+    device: str = field("cpu", help="cpu, cuda or auto")
+
+    def __post_init__(self):
+        if self.seq_len < 2:
+            raise LlmlabError(f"--seq-len must be at least 2, got {self.seq_len}")
+        if self.stride is not None and not 0 < self.stride <= self.seq_len:
+            raise LlmlabError(f"--stride must be between 1 and --seq-len ({self.seq_len}), got {self.stride}")
+        if self.max_windows is not None and self.max_windows < 1:
+            raise LlmlabError(f"--max-windows must be at least 1, got {self.max_windows}")
+        if self.batch_size < 1:
+            raise LlmlabError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+
+def windows(n_tokens: int, seq_len: int, stride: int | None = None) -> list[tuple[int, int, int]]:
+    """(begin, end, n_scored) of each window; the last `n_scored` tokens of a window are scored."""
+    if stride is None or stride == seq_len:
+        return [(b, b + seq_len, seq_len - 1) for b in range(0, n_tokens - seq_len + 1, seq_len)]
+    spans, scored_to = [], 0
+    for begin in range(0, n_tokens - 1, stride):
+        end = min(begin + seq_len, n_tokens)
+        n_new = end - max(scored_to, begin + 1)  # the first token of the text has no prediction
+        spans.append((begin, end, n_new))
+        scored_to = end
+        if end == n_tokens:
+            break
+    return spans
+
+
+@torch.inference_mode()
+def perplexity(model, tokenizer, text: str, seq_len: int = 2048, stride: int | None = None,
+               max_windows: int | None = None, batch_size: int = 2, progress: bool = True) -> dict:
+    """Perplexity of `model` on `text`; see the module docstring for the two protocols."""
+    limit = context_length(model)
+    if limit is not None and seq_len > limit:
+        raise LlmlabError(f"--seq-len {seq_len} is longer than the model's context of {limit} tokens; "
+                          f"use --seq-len {limit} or less")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    spans = windows(len(ids), seq_len, stride)[:max_windows]
+    if not spans:
+        raise LlmlabError(f"the text has only {len(ids)} tokens, fewer than one window of {seq_len}; "
+                          "lower --seq-len or give more text")
+    device = next(model.parameters()).device
+    total_nll, n_scored, start = 0.0, 0, time.perf_counter()
+    bar = tqdm(total=sum(s[2] for s in spans), unit="tok", desc="perplexity", disable=not progress)
+    for batch in _batches(spans, batch_size):
+        inputs = torch.stack([ids[b:e] for b, e, _ in batch]).to(device)  # (B, T)
+        logits = model(input_ids=inputs, use_cache=False).logits  # (B, T, V)
+        for row, (_, _, n) in enumerate(batch):
+            total_nll += _nll(logits[row, -n - 1:-1], inputs[row, -n:])
+            n_scored += n
+        bar.update(sum(s[2] for s in batch))
+        bar.set_postfix(ppl=f"{math.exp(total_nll / n_scored):.3f}")
+    bar.close()
+    seconds = time.perf_counter() - start
+    return {"ppl": math.exp(total_nll / n_scored), "nll": total_nll / n_scored, "tokens_scored": n_scored,
+            "windows": len(spans), "text_tokens": len(ids), "seconds": round(seconds, 3),
+            "tokens_per_s": round(sum(e - b for b, e, _ in spans) / seconds, 1)}
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Summed negative log-likelihood, in fp32 whatever the model's dtype."""
+    return F.cross_entropy(logits.float(), targets, reduction="sum").item()
+
+
+def _batches(spans, batch_size: int):
+    """Windows of equal length, `batch_size` at a time (only the last sliding window can be shorter)."""
+    batch = []
+    for span in spans:
+        if batch and (len(batch) == batch_size or span[1] - span[0] != batch[0][1] - batch[0][0]):
+            yield batch
+            batch = []
+        batch.append(span)
+    if batch:
+        yield batch
+
+
+def perplexity_verb(cfg: PerplexityConfig, opts: RunOptions) -> dict:
+    if not cfg.data:
+        raise LlmlabError("eval ppl needs a text file: --data FILE")
+    text = read_text(cfg.data)
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    with start_run("eval ppl", cfg, opts) as run:
+        result = perplexity(model, tokenizer, text, cfg.seq_len, cfg.stride, cfg.max_windows, cfg.batch_size)
+        run.log_metrics(**result)
+        summary = run.finish({"model": cfg.model, "data": cfg.data, "seq_len": cfg.seq_len,
+                              "stride": cfg.stride or cfg.seq_len, "dtype": cfg.dtype, **result})
+    print(f"perplexity {result['ppl']:.4f} over {result['tokens_scored']:,} tokens in {result['windows']} "
+          f"windows of {cfg.seq_len} ({result['tokens_per_s']:,.0f} tokens/s) -> {summary['path']}")
+    return summary
