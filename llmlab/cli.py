@@ -123,8 +123,8 @@ def _parse(tokens: list[str], cfg_cls):
         if not token.startswith("--"):
             loose.append(token)
             continue
-        key, eq, value = token[2:].partition("=")
-        key = key.replace("-", "_")
+        option, eq, value = token[2:].partition("=")
+        key = option.replace("-", "_")
         takes_value = key in COMMON_VALUE or (key not in COMMON_FLAGS and key not in flags)
         if not eq and takes_value:
             if i >= len(tokens) or tokens[i].startswith("--"):
@@ -137,7 +137,7 @@ def _parse(tokens: list[str], cfg_cls):
         elif key in COMMON_VALUE:
             common[key] = value
         else:
-            overrides[key] = value
+            overrides[option] = value
     return common, overrides, loose
 
 

@@ -14,7 +14,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from llmlab.errors import LlmlabError, closest
+from llmlab.errors import LlmlabError, closest, nearest
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
@@ -75,28 +75,29 @@ def read_yaml(path: str | Path) -> dict:
 def _set_override(cls, data: dict, dotted: str, text: str):
     """Parse `text` by the type of the field that `dotted` names, and store it in `data`."""
     *sections, key = dotted.replace("-", "_").split(".")
-    node, node_cls, where = data, cls, "config"
+    node, node_cls, prefix = data, cls, ""
     for section in sections:
-        hint = _field_types(node_cls, where).get(section)
+        hint = _field_types(node_cls).get(section)
         if hint is None or not dataclasses.is_dataclass(hint):
-            _unknown(node_cls, section, where)
+            _unknown(node_cls, dotted, prefix, section)
         node = node.setdefault(section, {})
-        node_cls, where = hint, f"{where}.{section}"
-    hint = _field_types(node_cls, where).get(key)
+        node_cls, prefix = hint, f"{prefix}{section}."
+    hint = _field_types(node_cls).get(key)
     if hint is None:
-        _unknown(node_cls, key, where)
+        _unknown(node_cls, dotted, prefix, key)
     node[key] = parse_text(text, hint, f"--{dotted}")
 
 
-def _field_types(cls, where: str) -> dict:
+def _field_types(cls) -> dict:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
 
 
-def _unknown(cls, key: str, where: str):
-    names = list(_field_types(cls, where))
-    raise LlmlabError(f"unknown option '{where}.{key}'{closest(key, names)}; "
-                      f"valid keys: {', '.join(names)}".replace("config.", "", 1))
+def _unknown(cls, dotted: str, prefix: str, key: str):
+    """Name the bad option as the user typed it, and the closest valid one as they should type it."""
+    match = nearest(key, _field_types(cls))
+    hint = f" (did you mean '--{prefix}{match}'?)".replace("_", "-") if match else ""
+    raise LlmlabError(f"unknown option '--{dotted}'{hint}; see --help for the valid options")
 
 
 def parse_text(text: str, hint, where: str) -> Any:

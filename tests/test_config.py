@@ -41,7 +41,7 @@ def test_int_in_yaml_is_accepted_for_float_but_not_bool_for_int(tmp_path):
 
 
 def test_unknown_key_names_the_closest_valid_key(tmp_path):
-    with pytest.raises(LlmlabError, match=r"unknown option 'optim.lrr' \(did you mean 'lr'\?\)"):
+    with pytest.raises(LlmlabError, match=r"unknown option '--optim.lrr' \(did you mean '--optim.lr'\?\)"):
         config.load(Train, None, {"optim.lrr": "1"})
     path = tmp_path / "c.yaml"
     path.write_text("stesp: 3\n")

@@ -166,7 +166,10 @@ def _check_gguf(path: Path):
     from gguf import GGUFReader
 
     try:
-        GGUFReader(path)
+        reader = GGUFReader(path)
+        end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+        if end > path.stat().st_size:
+            raise ValueError(f"file is {path.stat().st_size} bytes, its tensors end at {end}")
     except Exception as e:  # gguf raises ValueError, IndexError or numpy errors on damaged files
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise LlmlabError(f"{path} is not a readable GGUF file ({first}); it may be truncated") from None
