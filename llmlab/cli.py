@@ -39,6 +39,7 @@ STAGES = {
 
 COMMON_VALUE = {"config", "out", "name", "registry"}
 COMMON_FLAGS = {"json", "debug", "help"}
+_BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +94,7 @@ def _split_verb(argv: list[str]):
             break
         words.append(token)
     for n in (2, 1):
-        if " ".join(words[:n]) in STAGES:
+        if len(words) >= n and " ".join(words[:n]) in STAGES:
             return " ".join(words[:n]), argv[n:]
     if not words:
         if any(t in ("-h", "--help") for t in argv) or not argv:
@@ -130,6 +131,8 @@ def _parse(tokens: list[str], cfg_cls):
             if i >= len(tokens) or tokens[i].startswith("--"):
                 raise LlmlabError(f"option --{token[2:]} needs a value")
             value, i = tokens[i], i + 1
+        elif not eq and i < len(tokens) and tokens[i].lower() in _BOOL_WORDS:
+            value, i = tokens[i], i + 1  # `--chat false` as well as a bare `--chat`
         elif not eq:
             value = "true"
         if key in COMMON_FLAGS:

@@ -1,0 +1,69 @@
+"""`llmlab chat`: an interactive conversation with streamed replies.
+
+Every turn renders the whole history with the model's chat template and generates the reply
+with llmlab's own loop (`generate.py`), streaming it piece by piece. The loop reads and writes
+the streams it is given, so tests and pipes drive it like a terminal.
+"""
+
+import sys
+from dataclasses import dataclass
+
+from llmlab.config import field
+from llmlab.serve.generate import SamplingConfig, encode, generate_batch, unescape
+
+HELP = """commands:
+  /reset   forget the conversation so far
+  /exit    leave (so does end of input, Ctrl-D)
+  /help    this list"""
+
+
+@dataclass
+class ChatConfig(SamplingConfig):
+    max_new_tokens: int = field(256, help="the most tokens per reply")
+    model: str = field("smollm2-135m", help="model: built-in name, folder, .gguf file or run folder")
+    dtype: str = field("fp32", help="fp32, bf16 or fp16")
+    device: str = field("cpu", help="cpu, cuda, cuda:N or auto")
+    system: str | None = field(None, help="system message that opens the conversation")
+
+
+def chat_verb(cfg: ChatConfig, opts) -> dict:
+    from llmlab.models import load_model
+
+    cfg.stop = unescape(cfg.stop)
+    model, tokenizer = load_model(cfg.model, cfg.dtype, cfg.device)
+    return chat_loop(model, tokenizer, cfg, sys.stdin, sys.stdout)
+
+
+def chat_loop(model, tokenizer, cfg: ChatConfig, stdin, stdout) -> dict:
+    """Read a line, answer it in the context of the conversation, repeat; returns {"turns": n}."""
+    def say(text: str = "", end: str = "\n"):
+        stdout.write(text + end)
+        stdout.flush()
+
+    say(f"chatting with {cfg.model}; /help lists the commands")
+    history, turns = [], 0
+    while True:
+        say(">>> ", end="")
+        line = stdin.readline()
+        if not line:  # end of input
+            say()
+            break
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = []
+            say("(conversation cleared)")
+        elif text == "/help":
+            say(HELP)
+        elif text.startswith("/"):
+            say(f"unknown command {text.split()[0]}; /help lists the commands")
+        elif text:
+            history.append({"role": "user", "content": text})
+            ids = encode(tokenizer, history, chat=True, system=cfg.system)
+            reply = generate_batch(model, tokenizer, [ids], cfg, on_text=lambda piece: say(piece, end=""))[0].text
+            say()
+            history.append({"role": "assistant", "content": reply})
+            turns += 1
+    return {"turns": turns}
+

@@ -1,0 +1,60 @@
+"""The chat REPL, driven through its stream parameters and through the CLI, on a tiny random model."""
+
+import io
+import json
+
+import pytest
+
+from llmlab.cli import main
+from llmlab.serve import chat
+from llmlab.serve.generate import encode
+
+
+@pytest.fixture
+def llama(tiny_llama):
+    return tiny_llama
+
+
+def run_chat(model, tok, text: str, monkeypatch, **cfg):
+    """Drive the loop; returns (summary, stdout text, [(prompt ids, reply)] of each turn)."""
+    turns, real = [], chat.generate_batch
+
+    def recording(model, tokenizer, prompt_ids, cfg, on_text=None):
+        result = real(model, tokenizer, prompt_ids, cfg, on_text)
+        turns.append((prompt_ids[0], result[0].text))
+        return result
+
+    monkeypatch.setattr(chat, "generate_batch", recording)
+    out = io.StringIO()
+    summary = chat.chat_loop(model, tok, chat.ChatConfig(model="tiny-llama", max_new_tokens=6, **cfg),
+                             io.StringIO(text), out)
+    return summary, out.getvalue(), turns
+
+
+def test_turns_carry_the_history_and_reset_clears_it(llama, monkeypatch):
+    model, tok = llama
+    summary, out, turns = run_chat(model, tok, "hello\nhow are you?\n/reset\nagain\n/exit\nnever read\n",
+                                   monkeypatch, system="be brief")
+    assert summary == {"turns": 3}
+    assert out.count(">>> ") == 5 and "conversation cleared" in out
+    (first_ids, first_reply), (second_ids, _), (third_ids, _) = turns
+    history = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": first_reply},
+               {"role": "user", "content": "how are you?"}]
+    assert second_ids == encode(tok, history, chat=True, system="be brief")
+    assert second_ids[:len(first_ids)] == first_ids  # the second prompt extends the first
+    assert third_ids == encode(tok, "again", chat=True, system="be brief")
+    assert first_reply in out
+
+
+def test_help_unknown_command_and_end_of_input(llama, monkeypatch):
+    model, tok = llama
+    summary, out, turns = run_chat(model, tok, "/help\n/nope\n\n", monkeypatch)
+    assert summary == {"turns": 0} and turns == []
+    assert "/reset" in out and "/exit" in out and "unknown command /nope" in out
+
+
+def test_cli_chat_reads_stdin(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    assert main(["chat", "--model", "tiny-llama", "--max-new-tokens", "4", "--registry", str(tmp_path / "r.sqlite"),
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"turns": 1}
