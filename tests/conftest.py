@@ -30,3 +30,14 @@ def builtin_model():
     from llmlab.models import load_model
 
     return load_model("smollm2-135m")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -105,8 +105,7 @@ def _reading(what: str):
     except LlmlabError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError, IndexError, EOFError, TypeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise LlmlabError(f"could not load {what}: {first} — the file may be corrupt or truncated; "
+        raise LlmlabError(f"could not load {what}: {_first_line(e)} — the file may be corrupt or truncated; "
                           "re-download or re-save it") from None
 
 
@@ -136,8 +135,7 @@ def _check_safetensors(folder: Path):
                     f.get_slice(keys[-1])
             _check_size(shard)
         except Exception as e:  # safetensors raises its own error type from Rust
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise LlmlabError(f"{shard} is corrupt or truncated ({first}); re-download or re-save it") from None
+            raise LlmlabError(f"{shard} is corrupt or truncated ({_first_line(e)}); re-download or re-save it") from None
 
 
 def _check_size(shard: Path):
@@ -171,8 +169,7 @@ def _check_gguf(path: Path):
         if end > path.stat().st_size:
             raise ValueError(f"file is {path.stat().st_size} bytes, its tensors end at {end}")
     except Exception as e:  # gguf raises ValueError, IndexError or numpy errors on damaged files
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise LlmlabError(f"{path} is not a readable GGUF file ({first}); it may be truncated") from None
+        raise LlmlabError(f"{path} is not a readable GGUF file ({_first_line(e)}); it may be truncated") from None
 
 
 def _load_hub(hub_id: str, dtype: torch.dtype):
@@ -180,8 +177,7 @@ def _load_hub(hub_id: str, dtype: torch.dtype):
         tokenizer = AutoTokenizer.from_pretrained(hub_id)
         model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype, use_safetensors=True)
     except OSError as e:
-        first = (str(e).strip().splitlines() or ["OSError"])[0][:200]
-        raise LlmlabError(f"could not get '{hub_id}' from the Hugging Face hub ({first}); check the id and "
+        raise LlmlabError(f"could not get '{hub_id}' from the Hugging Face hub ({_first_line(e)}); check the id and "
                           "your network, or pass a local model folder or .gguf file") from None
     return model, tokenizer
 
@@ -206,6 +202,11 @@ def save_model(model, tokenizer, out: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _first_line(error: Exception) -> str:
+    """Library errors can run to pages; the first line says what went wrong."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def context_length(model) -> int | None:
