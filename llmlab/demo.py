@@ -14,7 +14,8 @@ from llmlab.config import field
 from llmlab.data.text import read_text
 from llmlab.evaluate.perplexity import perplexity
 from llmlab.models import load_model
-from llmlab.runs import RunOptions, atomic_write, start_run
+from llmlab.atomic import atomic_write
+from llmlab.runs import RunOptions, start_run
 from llmlab.serve.generate import SamplingConfig, generate
 
 

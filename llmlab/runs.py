@@ -15,39 +15,19 @@ import json
 import logging
 import os
 import sqlite3
-import tempfile
 import time
 from contextlib import closing
 from pathlib import Path
 
 import yaml
 
+from llmlab.atomic import atomic_write, atomic_write_json
 from llmlab.config import field
 from llmlab.errors import LlmlabError, closest
 
 log = logging.getLogger("llmlab")
 
 DEFAULT_REGISTRY = "runs/registry.sqlite"
-
-
-def atomic_write(path: str | Path, data: str | bytes):
-    """Write to a temporary file beside `path`, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w", encoding=None if isinstance(data, bytes) else "utf-8") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | Path, obj):
-    atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def registry_path(path: str | Path | None = None) -> Path:

@@ -91,3 +91,12 @@ def test_console_script_exit_code_is_2():
     if proc is None:
         pytest.skip("no console script in .venv")
     assert proc.returncode == 2 and proc.stderr.startswith("llmlab: error: data file not found")
+
+
+def test_public_api_is_importable_from_the_package():
+    import llmlab
+
+    for name in llmlab.__all__:
+        assert getattr(llmlab, name) is not None
+    model, tok = llmlab.load_model("tiny-llama")
+    assert isinstance(llmlab.generate(model, tok, "hi", llmlab.SamplingConfig(max_new_tokens=3)), str)

@@ -4,7 +4,8 @@ import json
 import pytest
 
 from llmlab.errors import LlmlabError
-from llmlab.runs import Registry, RunOptions, atomic_write, start_run
+from llmlab.atomic import atomic_write
+from llmlab.runs import Registry, RunOptions, start_run
 
 
 @dataclasses.dataclass
@@ -55,3 +56,12 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
         atomic_write(path, 123)  # not str/bytes: fails mid-write
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # no temp file left behind
+
+
+def test_written_files_follow_the_umask_not_mkstemp(tmp_path):
+    import os
+
+    atomic_write(tmp_path / "f.txt", "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o666 & ~mask

@@ -7,8 +7,6 @@ later loads read that folder in a few seconds.
 
 import importlib.metadata
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from llmlab.errors import LlmlabError
@@ -40,14 +38,5 @@ def builtin_folder(convert) -> Path:
     folder = cache_dir() / BUILTIN_NAME
     if (folder / "config.json").is_file():
         return folder
-    gguf = builtin_gguf()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{BUILTIN_NAME}."))
-    try:
-        convert(gguf, tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)  # another process may have won the race; theirs is the same
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    convert(builtin_gguf(), folder)  # writes atomically: a killed first load leaves no half cache
     return folder

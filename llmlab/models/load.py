@@ -11,14 +11,12 @@ A spec is one of
 
 import contextlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from llmlab.atomic import atomic_dir
 from llmlab.errors import LlmlabError, closest
 from llmlab.models.builtin import BUILTIN_NAME, builtin_folder
 from llmlab.models.tiny import tiny_configs, tiny_model
@@ -190,17 +188,9 @@ def _convert_gguf(gguf: Path, out: Path):
 def save_model(model, tokenizer, out: str | Path) -> Path:
     """Write a standard HF folder (safetensors, config, generation config, tokenizer) atomically."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -318,7 +318,8 @@ def _held(text: str, stops: list[str]) -> int:
 
 def generate_verb(cfg: GenerateConfig, opts) -> dict:
     from llmlab.models import load_model
-    from llmlab.runs import atomic_write, start_run
+    from llmlab.atomic import atomic_write
+    from llmlab.runs import start_run
 
     prompts = read_prompts(cfg)
     cfg.stop = unescape(cfg.stop)
