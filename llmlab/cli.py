@@ -10,6 +10,7 @@ Every verb accepts
 and its own options as `--key value` or `--section.key value`.
 """
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -75,10 +76,8 @@ def _run(argv: list[str]) -> int:
         return 0
     values = _positionals(loose, positionals, verb)
     cfg = config.load(cfg_cls, common.pop("config", None), overrides)
-    for key, value in values.items():  # positionals arrive as already-typed values
-        setattr(cfg, key, value)
-    if hasattr(cfg, "__post_init__"):
-        cfg.__post_init__()
+    if values:  # positionals arrive as already-typed values; validate again with them in place
+        cfg = dataclasses.replace(cfg, **values)
     opts = RunOptions(**common)
     summary = getattr(module, fn_name)(cfg, opts)
     if opts.json and summary is not None:

@@ -16,7 +16,7 @@ from llmlab.evaluate.perplexity import perplexity
 from llmlab.models import load_model
 from llmlab.atomic import atomic_write
 from llmlab.runs import RunOptions, start_run
-from llmlab.serve.generate import SamplingConfig, generate
+from llmlab.serve.generate import SamplingConfig, encode, generate_batch
 
 
 @dataclasses.dataclass
@@ -40,10 +40,10 @@ def demo(cfg: DemoConfig, opts: RunOptions) -> dict:
         answers, new_tokens, start = [], 0, time.perf_counter()
         for question in questions:
             print(f"\n>>> {question}\n", end="", flush=True)
-            answer = generate(model, tokenizer, question, sampling, chat=True, on_text=_echo)
+            reply = generate_batch(model, tokenizer, [encode(tokenizer, question, chat=True)], sampling, _echo)[0]
             print()
-            answers.append({"prompt": question, "output": answer})
-            new_tokens += len(tokenizer(answer, add_special_tokens=False).input_ids)
+            answers.append({"prompt": question, "output": reply.text})
+            new_tokens += reply.new_tokens
         gen_seconds = time.perf_counter() - start
         atomic_write(run.artifact("answers.jsonl"), "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers))
         print(f"\nperplexity on {'the bundled sample' if not cfg.data else cfg.data} ({cfg.seq_len}-token windows):")
