@@ -40,6 +40,11 @@ def atomic_write_json(path: str | Path, obj):
     atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
+def atomic_write_jsonl(path: str | Path, rows):
+    """One JSON object per line, written as a whole."""
+    atomic_write(path, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path):
     """Yield a temporary folder beside `path`; on success it replaces `path`, on failure it is removed."""

@@ -5,7 +5,6 @@ on a text (a bundled sample by default, or `--data FILE`). It grows as stages la
 """
 
 import dataclasses
-import json
 import sys
 import time
 from importlib import resources
@@ -14,7 +13,7 @@ from llmlab.config import field
 from llmlab.data.text import read_text
 from llmlab.evaluate.perplexity import perplexity
 from llmlab.models import load_model
-from llmlab.atomic import atomic_write
+from llmlab.atomic import atomic_write_jsonl
 from llmlab.runs import RunOptions, start_run
 from llmlab.serve.generate import SamplingConfig, encode, generate_batch
 
@@ -45,7 +44,7 @@ def demo(cfg: DemoConfig, opts: RunOptions) -> dict:
             answers.append({"prompt": question, "output": reply.text})
             new_tokens += reply.new_tokens
         gen_seconds = time.perf_counter() - start
-        atomic_write(run.artifact("answers.jsonl"), "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers))
+        atomic_write_jsonl(run.artifact("answers.jsonl"), answers)
         print(f"\nperplexity on {'the bundled sample' if not cfg.data else cfg.data} ({cfg.seq_len}-token windows):")
         ppl = perplexity(model, tokenizer, text, seq_len=cfg.seq_len, stride=cfg.seq_len // 2, batch_size=4)
         summary = run.finish({"model": cfg.model, "dtype": cfg.dtype, "answers": len(answers),

@@ -22,8 +22,12 @@ from pathlib import Path
 
 import torch
 
+from llmlab.atomic import atomic_write_jsonl
 from llmlab.config import field
+from llmlab.data.text import read_text
 from llmlab.errors import LlmlabError
+from llmlab.models import context_length, load_model
+from llmlab.runs import start_run
 from llmlab.serve import sampling
 
 
@@ -193,8 +197,6 @@ def decode(model, prompts: list[list[int]], cfg: SamplingConfig, eos: list[int],
 
 def room(model, prompt_len: int, wanted: int) -> int:
     """How many of the `wanted` new tokens fit in the model's context after the prompt."""
-    from llmlab.models import context_length
-
     ctx = context_length(model)
     if ctx is not None and prompt_len >= ctx:
         raise LlmlabError(f"the prompt has {prompt_len} tokens but the model's context holds only {ctx}")
@@ -317,10 +319,6 @@ def _held(text: str, stops: list[str]) -> int:
 # ---- the `llmlab generate` verb ----
 
 def generate_verb(cfg: GenerateConfig, opts) -> dict:
-    from llmlab.models import load_model
-    from llmlab.atomic import atomic_write
-    from llmlab.runs import start_run
-
     prompts = read_prompts(cfg)
     cfg.stop = unescape(cfg.stop)
     model, tokenizer = load_model(cfg.model, cfg.dtype, cfg.device)
@@ -333,8 +331,7 @@ def generate_verb(cfg: GenerateConfig, opts) -> dict:
             for i, (p, g) in enumerate(zip(prompts, results), 1):
                 print(f"--- {i}: {_short(p)}\n{g.text}", flush=True)
         rows = [{"prompt": p, "output": g.text, "new_tokens": g.new_tokens} for p, g in zip(prompts, results)]
-        atomic_write(run.artifact("generations.jsonl"),
-                     "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        atomic_write_jsonl(run.artifact("generations.jsonl"), rows)
         new_tokens = sum(g.new_tokens for g in results)
         summary = {"prompts": len(prompts), "new_tokens": new_tokens, "seconds": round(seconds, 3),
                    "tokens_per_s": round(new_tokens / max(seconds, 1e-9), 2)}
@@ -365,8 +362,6 @@ def read_prompts(cfg: GenerateConfig) -> list[str]:
         raise LlmlabError("give exactly one of --prompt TEXT or --prompts FILE")
     if cfg.prompt is not None:
         return [cfg.prompt]
-    from llmlab.data.text import read_text
-
     path = Path(cfg.prompts)
     lines = read_text(path).splitlines()
     prompts = _jsonl_prompts(path, lines) if path.suffix == ".jsonl" else [ln for ln in lines if ln.strip()]
