@@ -1,0 +1,36 @@
+"""Parameter-efficient fine-tuning: one file per method, each a Config dataclass + apply_<method>.
+
+    model = apply_lora(model, LoraConfig(r=16))       # or apply_method(model, "lora", {"r": 16})
+    save_adapter(model, "out/adapter")                # HF peft's format
+    load_adapter(base, "out/adapter", name="math")    # several named adapters on one base
+    set_adapter(base, "math"); with disabled(base): ...
+    merge_and_unload(model)                           # LoRA, DoRA, IA3
+"""
+
+from llmlab.config import build
+from llmlab.errors import LlmlabError, closest
+from llmlab.peft import lora
+from llmlab.peft.base import (DEFAULT, Method, active_adapters, adapter_names, delete_adapter, disabled,
+                              mark_trainable, merge, merge_and_unload, print_trainable_parameters,
+                              set_adapter, trainable_parameters, unmerge)
+from llmlab.peft.io import load_adapter, save_adapter
+from llmlab.peft.lora import LoraConfig, apply_lora
+
+# method name -> Method; `llmlab finetune --method NAME` and adapter files dispatch through here
+METHODS: dict[str, Method] = {
+    "lora": lora.METHOD,
+}
+
+
+def apply_method(model, method: str, options: dict | None = None, name: str = DEFAULT):
+    """apply_<method>(model, Config(**options), name), with the options checked by the Config."""
+    if method not in METHODS:
+        raise LlmlabError(f"unknown fine-tuning method '{method}'{closest(method, METHODS)}; "
+                          f"choose one of {', '.join(METHODS)}")
+    spec = METHODS[method]
+    return spec.apply(model, build(spec.config, options or {}, method), name)
+
+
+__all__ = ["METHODS", "DEFAULT", "apply_method", "LoraConfig", "apply_lora", "save_adapter", "load_adapter",
+           "set_adapter", "active_adapters", "adapter_names", "delete_adapter", "disabled", "merge", "unmerge",
+           "merge_and_unload", "mark_trainable", "trainable_parameters", "print_trainable_parameters"]

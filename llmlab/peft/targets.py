@@ -1,0 +1,125 @@
+"""Choose the modules an adapter wraps, by name or regular expression.
+
+Matching follows HF peft so that adapter configs mean the same thing in both tools: a list
+entry matches a module whose full name equals it or ends with "." + entry (`q_proj` matches
+`model.layers.3.self_attn.q_proj`); `regex` must match the whole name. `all-linear` targets
+every linear layer except the output head. Defaults per architecture live in targets.yaml.
+"""
+
+import re
+from functools import cache
+from importlib import resources
+
+import yaml
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from llmlab.errors import LlmlabError
+
+ALL_LINEAR = "all-linear"
+
+
+@cache
+def _defaults() -> dict:
+    return yaml.safe_load(resources.files("llmlab.peft").joinpath("targets.yaml").read_text())
+
+
+def default_targets(model: nn.Module, table: str = "lora") -> list[str]:
+    """The modules peft would pick for this architecture (`table` is lora, ia3, ia3_feedforward)."""
+    model_type = getattr(model.config, "model_type", "")
+    names = _defaults()[table].get(model_type)
+    if names is None:
+        raise LlmlabError(f"no default target modules for model type '{model_type}'; name them "
+                          f"with targets (e.g. --adapter.targets q_proj,v_proj) or use all-linear")
+    return list(names)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or GPT-2's Conv1D (a linear layer with its weight stored transposed)."""
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def weight_of(module: nn.Module):
+    """The (out_features, in_features) weight of a linear layer, for either storage order."""
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
+
+
+def matches(name: str, targets: list[str], regex: str | None = None) -> bool:
+    if regex is not None:
+        return re.fullmatch(regex, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def find_targets(model: nn.Module, targets: list[str], regex: str | None = None,
+                 kind=is_linear) -> list[str]:
+    """Names of the modules to wrap: those that match and are of the wrapped kind.
+
+    A module already wrapped by an adapter layer counts by its own name (not `…base_layer`), so a
+    second adapter attaches to the same wrapper.
+    """
+    if targets == [ALL_LINEAR] and regex is None:
+        head = _head_name(model)
+        return [n for n, m in _candidates(model, kind) if n != head]
+    found = [n for n, m in _candidates(model, kind) if matches(n, targets, regex)]
+    if not found:
+        wanted = f"regex '{regex}'" if regex is not None else ", ".join(targets)
+        raise LlmlabError(f"target modules ({wanted}) match no layer of {type(model).__name__}; "
+                          f"its layers are named: {', '.join(_short_names(model, kind))}")
+    return found
+
+
+def _candidates(model: nn.Module, kind):
+    for name, module in model.named_modules():
+        base = _innermost(module)
+        if kind(base) and not name.endswith("base_layer") and not _inside_wrapper(name):
+            yield name, module
+
+
+def _innermost(module: nn.Module) -> nn.Module:
+    while hasattr(module, "base_layer"):
+        module = module.base_layer
+    return module
+
+
+def _inside_wrapper(name: str) -> bool:
+    # adapter parameters (e.g. a LoRA's A and B) are linear layers too, but never targets
+    return ".adapters." in f".{name}." or ".base_layer." in f".{name}."
+
+
+def _head_name(model: nn.Module) -> str | None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return next((n for n, m in model.named_modules() if m is head), None)
+
+
+def _short_names(model: nn.Module, kind) -> list[str]:
+    """Unique last parts of the candidate names, e.g. q_proj, k_proj, …, lm_head."""
+    seen = {}
+    for name, _ in _candidates(model, kind):
+        seen.setdefault(name.rsplit(".", 1)[-1], None)
+    return list(seen)
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module):
+    """Replace the submodule called `name` (dotted) with `module`."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def linear_shape(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a Conv1D."""
+    out_features, in_features = weight_of(layer).shape
+    return in_features, out_features
+
+
+def wrap_targets(model: nn.Module, cfg, name: str, wrapper: type, make, table: str = "lora") -> list[str]:
+    """Wrap each targeted layer in `wrapper` (once) and add the adapter `make(layer)` under `name`."""
+    targets = cfg.targets or ([] if cfg.regex else default_targets(model, table))
+    names = find_targets(model, targets, cfg.regex, kind=is_linear)
+    for path in names:
+        layer = model.get_submodule(path)
+        if not isinstance(layer, wrapper):
+            layer = wrapper(layer)
+            set_module(model, path, layer)
+        adapter = make(layer._modules["base_layer"])
+        layer.add(name, adapter.to(weight_of(layer._modules["base_layer"]).device))
+    return names
