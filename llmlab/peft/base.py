@@ -125,6 +125,25 @@ def disabled(model: nn.Module):
             m.active = active
 
 
+@contextmanager
+def using_adapter(model: nn.Module, name: str | None):
+    """Run with adapter `name` active ("base": none at all; None: leave as is), then switch back."""
+    if name is None:
+        yield model
+        return
+    if name == "base":
+        with disabled(model):
+            yield model
+        return
+    previous = {id(m): m.active for _, m in adapter_modules(model)}
+    set_adapter(model, name)
+    try:
+        yield model
+    finally:
+        for _, module in adapter_modules(model):
+            module.active = previous[id(module)]
+
+
 def delete_adapter(model: nn.Module, name: str):
     """Remove an adapter; layers left with none go back to their plain base layer."""
     if name not in adapter_names(model):

@@ -109,6 +109,22 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default",
     return model
 
 
+def load_adapters(model: nn.Module, specs: list[str]) -> list[str]:
+    """Load several adapters onto one base: each spec is PATH or NAME=PATH; the first ends up active."""
+    names = []
+    for spec in specs:
+        name, _, path = spec.rpartition("=")
+        name = name or ("default" if not names else Path(path).name)
+        if name in names or name == "base":
+            raise LlmlabError(f"adapter name '{name}' is {'reserved' if name == 'base' else 'used twice'}; "
+                              f"name them NAME=PATH")
+        load_adapter(model, path, name)
+        names.append(name)
+    if names:
+        set_adapter(model, names[0])
+    return names
+
+
 def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], path: Path):
     """Copy the file's tensors into the freshly made adapter, checking names and shapes."""
     expected = adapter_state(model, name)

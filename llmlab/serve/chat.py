@@ -12,9 +12,10 @@ from llmlab.config import field
 from llmlab.serve.generate import SamplingConfig, encode, generate_batch, unescape
 
 HELP = """commands:
-  /reset   forget the conversation so far
-  /exit    leave (so does end of input, Ctrl-D)
-  /help    this list"""
+  /reset          forget the conversation so far
+  /adapter NAME   answer with another loaded adapter (/adapter base: none); /adapter lists them
+  /exit           leave (so does end of input, Ctrl-D)
+  /help           this list"""
 
 
 @dataclass
@@ -24,6 +25,8 @@ class ChatConfig(SamplingConfig):
     dtype: str = field("fp32", help="fp32, bf16 or fp16")
     device: str = field("cpu", help="cpu, cuda, cuda:N or auto")
     system: str | None = field(None, help="system message that opens the conversation")
+    adapter: list[str] = field([], help="adapters to load, PATH or NAME=PATH, comma-separated; the first "
+                                        "is active and /adapter NAME switches")
 
 
 def chat_verb(cfg: ChatConfig, opts) -> dict:
@@ -31,6 +34,10 @@ def chat_verb(cfg: ChatConfig, opts) -> dict:
 
     cfg.stop = unescape(cfg.stop)
     model, tokenizer = load_model(cfg.model, cfg.dtype, cfg.device)
+    if cfg.adapter:
+        from llmlab.peft.io import load_adapters
+
+        load_adapters(model, cfg.adapter)
     return chat_loop(model, tokenizer, cfg, sys.stdin, sys.stdout)
 
 
@@ -56,6 +63,8 @@ def chat_loop(model, tokenizer, cfg: ChatConfig, stdin, stdout) -> dict:
             say("(conversation cleared)")
         elif text == "/help":
             say(HELP)
+        elif text.split()[:1] == ["/adapter"]:
+            say(_switch_adapter(model, text.split()[1:]))
         elif text.startswith("/"):
             say(f"unknown command {text.split()[0]}; /help lists the commands")
         elif text:
@@ -67,3 +76,19 @@ def chat_loop(model, tokenizer, cfg: ChatConfig, stdin, stdout) -> dict:
             turns += 1
     return {"turns": turns}
 
+
+
+def _switch_adapter(model, words: list[str]) -> str:
+    from llmlab.errors import LlmlabError
+    from llmlab.peft.base import active_adapters, adapter_names, set_adapter
+
+    names = adapter_names(model)
+    if not names:
+        return "no adapters are loaded; start with --adapter PATH"
+    if not words:
+        return f"adapters: {', '.join(names)}; active: {', '.join(active_adapters(model)) or 'base'}"
+    try:
+        set_adapter(model, [] if words[0] == "base" else words[0])  # no active adapter = the base model
+    except LlmlabError as e:
+        return str(e)
+    return f"(now answering with {words[0]})"

@@ -74,6 +74,9 @@ class GenerateConfig(SamplingConfig):
     chat: bool = field(True, help="wrap each prompt as a user message with the chat template; false = raw text")
     system: str | None = field(None, help="system message for chat prompts")
     batch_size: int = field(8, help="prompts per forward pass")
+    adapter: list[str] = field([], help="adapters to load onto the model, PATH or NAME=PATH, comma-separated; "
+                                        "the first is active, a .jsonl prompt's 'adapter' field picks another "
+                                        "(or 'base' for none)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -90,8 +93,18 @@ class Generation:
 # ---- the Python API ----
 
 def generate(model, tokenizer, prompts: str | list[str], cfg: SamplingConfig | None = None, *,
-             chat: bool = False, system: str | None = None, batch_size: int = 8, on_text=None):
-    """The new text for each prompt (a str for a str). `on_text(piece)` streams a single prompt's reply."""
+             chat: bool = False, system: str | None = None, batch_size: int = 8, on_text=None,
+             adapter: str | None = None):
+    """The new text for each prompt (a str for a str). `on_text(piece)` streams a single prompt's reply.
+
+    `adapter` names the loaded adapter to use for this call ("base" for none; default: as set).
+    """
+    if adapter is not None:
+        from llmlab.peft.base import using_adapter
+
+        with using_adapter(model, adapter):
+            return generate(model, tokenizer, prompts, cfg, chat=chat, system=system,
+                            batch_size=batch_size, on_text=on_text)
     cfg = cfg or SamplingConfig()
     single = isinstance(prompts, str)
     items = [prompts] if single else list(prompts)
@@ -319,13 +332,14 @@ def _held(text: str, stops: list[str]) -> int:
 # ---- the `llmlab generate` verb ----
 
 def generate_verb(cfg: GenerateConfig, opts) -> dict:
-    prompts = read_prompts(cfg)
+    prompts, wanted = read_prompts(cfg)
     cfg.stop = unescape(cfg.stop)
     model, tokenizer = load_model(cfg.model, cfg.dtype, cfg.device)
+    names = _load_adapters(model, cfg.adapter, wanted, cfg.prompts)
     ids = [encode(tokenizer, p, chat=cfg.chat, system=cfg.system) for p in prompts]
     with start_run("generate", cfg, opts) as run:
         start = time.perf_counter()
-        results = _generate_all(model, tokenizer, ids, cfg)
+        results = _per_adapter(model, tokenizer, ids, [w or (names[0] if names else None) for w in wanted], cfg)
         seconds = time.perf_counter() - start
         if len(prompts) > 1:
             for i, (p, g) in enumerate(zip(prompts, results), 1):
@@ -338,6 +352,34 @@ def generate_verb(cfg: GenerateConfig, opts) -> dict:
         if len(prompts) == 1:
             summary["output"] = results[0].text
         return run.finish(summary)
+
+
+def _load_adapters(model, specs: list[str], wanted: list[str | None], source) -> list[str]:
+    names = []
+    if specs:
+        from llmlab.peft.io import load_adapters
+
+        names = load_adapters(model, specs)
+    for number, name in enumerate(wanted, 1):
+        if name is not None and name != "base" and name not in names:
+            raise LlmlabError(f"{source}:{number}: adapter '{name}' is not loaded; load it with "
+                              f"--adapter {name}=PATH (loaded: {', '.join(names) or 'none'})")
+    return names
+
+
+def _per_adapter(model, tokenizer, ids, adapters: list[str | None], cfg) -> list[Generation]:
+    """Generate each adapter's prompts with that adapter switched on: one base model serves them all."""
+    if set(adapters) == {None}:
+        return _generate_all(model, tokenizer, ids, cfg)
+    from llmlab.peft.base import using_adapter
+
+    results = [None] * len(ids)
+    for name in dict.fromkeys(adapters):
+        rows = [i for i, a in enumerate(adapters) if a == name]
+        with using_adapter(model, name):
+            for i, g in zip(rows, _generate_all(model, tokenizer, [ids[i] for i in rows], cfg)):
+                results[i] = g
+    return results
 
 
 def _generate_all(model, tokenizer, ids: list[list[int]], cfg: GenerateConfig) -> list[Generation]:
@@ -356,21 +398,25 @@ def _generate_all(model, tokenizer, ids: list[list[int]], cfg: GenerateConfig) -
     return results
 
 
-def read_prompts(cfg: GenerateConfig) -> list[str]:
-    """The prompts of `--prompt` or `--prompts FILE`: exactly one of the two."""
+def read_prompts(cfg: GenerateConfig) -> tuple[list[str], list[str | None]]:
+    """The prompts of `--prompt` or `--prompts FILE` (exactly one of the two), and the adapter
+    each .jsonl row asks for (None: the default)."""
     if (cfg.prompt is None) == (cfg.prompts is None):
         raise LlmlabError("give exactly one of --prompt TEXT or --prompts FILE")
     if cfg.prompt is not None:
-        return [cfg.prompt]
+        return [cfg.prompt], [None]
     path = Path(cfg.prompts)
     lines = read_text(path).splitlines()
-    prompts = _jsonl_prompts(path, lines) if path.suffix == ".jsonl" else [ln for ln in lines if ln.strip()]
-    if not prompts:
+    if path.suffix == ".jsonl":
+        rows = _jsonl_prompts(path, lines)
+    else:
+        rows = [(ln, None) for ln in lines if ln.strip()]
+    if not rows:
         raise LlmlabError(f"{path} holds no prompts")
-    return prompts
+    return [p for p, _ in rows], [a for _, a in rows]
 
 
-def _jsonl_prompts(path: Path, lines: list[str]) -> list[str]:
+def _jsonl_prompts(path: Path, lines: list[str]) -> list[tuple[str, str | None]]:
     prompts = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -381,7 +427,9 @@ def _jsonl_prompts(path: Path, lines: list[str]) -> list[str]:
             raise LlmlabError(f"{path}:{number}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise LlmlabError(f"{path}:{number}: each row must be an object with a string 'prompt' field")
-        prompts.append(row["prompt"])
+        if not isinstance(row.get("adapter", ""), str):
+            raise LlmlabError(f"{path}:{number}: 'adapter' must be the name of a loaded adapter")
+        prompts.append((row["prompt"], row.get("adapter")))
     return prompts
 
 

@@ -58,3 +58,34 @@ def test_cli_chat_reads_stdin(monkeypatch, capsys, tmp_path):
     assert main(["chat", "--model", "tiny-llama", "--max-new-tokens", "4", "--registry", str(tmp_path / "r.sqlite"),
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"turns": 1}
+
+
+def test_chat_switches_adapters(tmp_path):
+    import io
+
+    import torch
+
+    from llmlab.models import load_model
+    from llmlab.peft import LoraConfig, apply_lora, save_adapter
+    from llmlab.peft.io import load_adapters
+    from llmlab.serve.chat import ChatConfig, chat_loop
+
+    torch.manual_seed(0)
+    model, tok = load_model("tiny-llama")
+    adapted = apply_lora(model, LoraConfig(r=2))
+    for p in adapted.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=2.0)
+    save_adapter(adapted, tmp_path / "a")
+    torch.manual_seed(0)
+    model, tok = load_model("tiny-llama")
+    load_adapters(model, [f"x={tmp_path / 'a'}", f"y={tmp_path / 'a'}"])
+    out = io.StringIO()
+    cfg = ChatConfig(model="tiny-llama", max_new_tokens=4)
+    chat_loop(model, tok, cfg, io.StringIO("/adapter\n/adapter y\n/adapter zz\n/adapter base\nhi\n"), out)
+    text = out.getvalue()
+    assert "adapters: x, y; active: x" in text
+    assert "(now answering with y)" in text
+    assert "no adapter named 'zz'" in text
+    assert "(now answering with base)" in text
+    assert all(not m.active for m in model.modules() if hasattr(m, "active"))

@@ -217,8 +217,8 @@ def test_read_prompts(tmp_path):
     (tmp_path / "p.txt").write_text("one\n\ntwo\n")
     (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n\n{"prompt": "b", "id": 2}\n')
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"text": "b"}\n')
-    assert read_prompts(GenerateConfig(prompts=str(tmp_path / "p.txt"))) == ["one", "two"]
-    assert read_prompts(GenerateConfig(prompts=str(tmp_path / "p.jsonl"))) == ["a", "b"]
+    assert read_prompts(GenerateConfig(prompts=str(tmp_path / "p.txt"))) == (["one", "two"], [None, None])
+    assert read_prompts(GenerateConfig(prompts=str(tmp_path / "p.jsonl"))) == (["a", "b"], [None, None])
     with pytest.raises(LlmlabError, match=r"bad\.jsonl:2"):
         read_prompts(GenerateConfig(prompts=str(tmp_path / "bad.jsonl")))
     with pytest.raises(LlmlabError, match="exactly one"):
@@ -279,3 +279,41 @@ def test_builtin_model_knows_the_capital_of_france(builtin_model):
     out = generate(model, tok, "What is the capital of France?", SamplingConfig(max_new_tokens=20), chat=True)
     assert "Paris" in out
 
+
+
+def _random_lora(path, seed):
+    from llmlab.peft import LoraConfig, apply_lora, save_adapter
+
+    torch.manual_seed(0)
+    model, _ = load_model("tiny-llama")
+    apply_lora(model, LoraConfig(r=2, targets=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=1.0)
+    save_adapter(model, path)
+
+
+def test_generate_switches_adapter_per_prompt(tmp_path, capsys):
+    from llmlab.peft.io import load_adapters
+
+    _random_lora(tmp_path / "a", 1)
+    _random_lora(tmp_path / "b", 2)
+    rows = [{"prompt": "hello", "adapter": "b"}, {"prompt": "hello"}, {"prompt": "hello", "adapter": "base"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["generate", "--model", "tiny-llama", "--prompts", str(tmp_path / "p.jsonl"), "--max-new-tokens", "6",
+                 "--adapter", f"a={tmp_path / 'a'},b={tmp_path / 'b'}", "--out", str(tmp_path / "run")]) == 0
+    outputs = [json.loads(line)["output"] for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
+
+    torch.manual_seed(0)
+    model, tok = load_model("tiny-llama")
+    load_adapters(model, [f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"])
+    cfg = SamplingConfig(max_new_tokens=6)
+    expected = [generate(model, tok, "hello", cfg, chat=True, adapter=name) for name in ("b", "a", "base")]
+    assert outputs == expected
+    assert len(set(expected)) == 3  # the three really differ, so the switch is what is being tested
+
+    (tmp_path / "q.jsonl").write_text('{"prompt": "hi", "adapter": "c"}\n')
+    assert main(["generate", "--model", "tiny-llama", "--prompts", str(tmp_path / "q.jsonl"),
+                 "--adapter", str(tmp_path / "a")]) == 2
+    assert "q.jsonl:1: adapter 'c' is not loaded" in capsys.readouterr().err
