@@ -157,15 +157,29 @@ def delete_adapter(model: nn.Module, name: str):
 
 def merge(model: nn.Module, names: list[str] | None = None):
     """Fold adapters (default: the active ones) into the base weights; undo with `unmerge`."""
-    for _, module in adapter_modules(model):
+    # innermost wrappers first: an outer adapter acts on what the inner ones compute, so it folds
+    # into the weight only after they have (unmerge goes the other way round)
+    for _, module in reversed(adapter_modules(model)):
         for name in names if names is not None else module.active:
             if name not in module.adapters or name in getattr(module, "merged", []):
                 continue
             if not isinstance(module, AdapterLayer):
                 raise LlmlabError(f"{module.method} adapters feed the model's input and cannot be "
                                   f"merged into its weights; keep the adapter, or use lora/dora/ia3")
+            _check_inner_merged(module, name)
             module.merge(name)
             module.merged.append(name)
+
+
+def _check_inner_merged(module: AdapterLayer, name: str):
+    """An adapter merged into a weight that inner, unmerged adapters still act on would change their output."""
+    inner = module.base_layer
+    while isinstance(inner, AdapterLayer):
+        if inner.running():
+            raise LlmlabError(f"cannot merge adapter '{name}' alone: the layer's {inner.method} adapters "
+                              f"{', '.join(inner.running())} sit inside it and would see the merged weight; "
+                              f"merge them too (merge with no names merges all active adapters)")
+        inner = inner.base_layer
 
 
 def unmerge(model: nn.Module):
@@ -179,7 +193,7 @@ def unmerge(model: nn.Module):
 def merge_and_unload(model: nn.Module, names: list[str] | None = None) -> nn.Module:
     """Merge adapters and put the plain layers back: a standard model with no extra latency."""
     merge(model, names)
-    for path, module in adapter_modules(model):
+    for path, module in reversed(adapter_modules(model)):  # inner first: an outer unwrap moves the inner ones
         _unwrap(model, path, module)
     return model
 

@@ -31,16 +31,24 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         if isinstance(module, AdapterLayer):
             ours = module.adapters[name].state_dict()
             for key, theirs in module.peft_keys.items():
-                state[f"{PREFIX}{path}.{theirs}"] = ours[key]
+                state[f"{PREFIX}{peft_path(path)}.{theirs}"] = ours[key]
         else:
             state.update(module.peft_state(name))
     return state
+
+
+def peft_path(path: str) -> str:
+    """The layer's name without the `base_layer` steps of adapters nested in one another (peft has one wrapper)."""
+    return ".".join(part for part in path.split(".") if part != "base_layer")
 
 
 def save_adapter(model: nn.Module, path: str | Path, name: str = "default"):
     """Write adapter `name` as a peft adapter folder (atomically: all of it or nothing)."""
     from llmlab.peft import METHODS
 
+    if not adapter_modules(model):
+        raise LlmlabError("the model has no adapter to save (freeze and full fine-tuning train its own weights): "
+                          "save the whole model with llmlab.models.save_model")
     method = METHODS[adapter_method(model, name)]
     cfg = _adapter_config(model, name)
     fields = {"peft_type": method.peft_type or f"LLMLAB_{adapter_method(model, name).upper()}",
@@ -98,6 +106,9 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default",
     fields = read_adapter_config(path)
     method_name, cfg = config_from_peft(fields)
     METHODS[method_name].apply(model, cfg, name)
+    for _, module in adapter_modules(model):
+        if name in module.adapters and hasattr(module, "bake"):
+            module.bake(name)  # files hold the derived prompt (peft's inference form), not its encoder
     _fill(model, name, load_file(Path(path) / WEIGHTS_FILE), Path(path))
     set_adapter(model, name)
     if trainable:

@@ -21,7 +21,7 @@ from transformers.pytorch_utils import Conv1D
 from llmlab.config import field
 from llmlab.errors import LlmlabError
 from llmlab.peft.base import DEFAULT, AdapterLayer, Method, mark_trainable, set_adapter
-from llmlab.peft.targets import default_targets, linear_shape, wrap_targets
+from llmlab.peft.targets import linear_shape, peft_targets, read_targets, weight_of, wrap_targets
 
 
 @dataclass
@@ -85,8 +85,8 @@ class LoraLinear(AdapterLayer):
 
 def _add_to_weight(layer: nn.Module, delta: torch.Tensor):
     with torch.no_grad():
-        weight = layer.weight
-        weight += (delta.T if isinstance(layer, Conv1D) else delta).to(weight.dtype)
+        weight = weight_of(layer)  # (out, in) view of the innermost layer's weight, for any storage order
+        weight += delta.to(weight.dtype)
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig | None = None, name: str = DEFAULT) -> nn.Module:
@@ -100,7 +100,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig | None = None, name: str = DEFA
 
 def to_peft(cfg: LoraConfig, model: nn.Module) -> dict:
     return {"r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
-            "target_modules": cfg.regex if cfg.regex else (cfg.targets or default_targets(model)),
+            "target_modules": peft_targets(cfg, model),
             "use_rslora": cfg.rslora, "use_dora": False, "bias": "none",
             "fan_in_fan_out": any(isinstance(m, Conv1D) for m in model.modules()),
             "init_lora_weights": True, "modules_to_save": None}
@@ -112,11 +112,10 @@ def lora_fields(fields: dict) -> dict:
                        ("modules_to_save", None), ("layers_to_transform", None)):
         if fields.get(key, plain) not in (plain, None, {}, []):
             raise LlmlabError(f"peft adapters with {key}={fields[key]!r} are not supported")
-    targets = fields.get("target_modules") or []
-    regex = targets if isinstance(targets, str) else None
+    targets, regex = read_targets(fields)
     return {"r": fields.get("r", 8), "alpha": float(fields.get("lora_alpha", 8)),
             "dropout": float(fields.get("lora_dropout", 0.0)),
-            "targets": [] if regex else sorted(targets), "regex": regex,
+            "targets": targets, "regex": regex,
             "rslora": bool(fields.get("use_rslora", False))}
 
 

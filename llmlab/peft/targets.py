@@ -34,13 +34,30 @@ def default_targets(model: nn.Module, table: str = "lora") -> list[str]:
     return list(names)
 
 
+def peft_targets(cfg, model: nn.Module, table: str = "lora") -> str | list[str]:
+    """target_modules as peft reads it: the regex, "all-linear" (a string, not a list), or module names."""
+    if cfg.regex:
+        return cfg.regex
+    return ALL_LINEAR if cfg.targets == [ALL_LINEAR] else (cfg.targets or default_targets(model, table))
+
+
+def read_targets(fields: dict) -> tuple[list[str], str | None]:
+    """(targets, regex) from a peft config's target_modules."""
+    targets = fields.get("target_modules") or []
+    if isinstance(targets, str):
+        return ([ALL_LINEAR], None) if targets.lower() == ALL_LINEAR else ([], targets)
+    return sorted(targets), None
+
+
 def is_linear(module: nn.Module) -> bool:
     """nn.Linear, or GPT-2's Conv1D (a linear layer with its weight stored transposed)."""
     return isinstance(module, (nn.Linear, Conv1D))
 
 
 def weight_of(module: nn.Module):
-    """The (out_features, in_features) weight of a linear layer, for either storage order."""
+    """The (out_features, in_features) weight of a linear layer (or of the one an adapter wraps), for either
+    storage order; a view, so writing to it writes the layer's weight."""
+    module = _innermost(module)
     return module.weight.T if isinstance(module, Conv1D) else module.weight
 
 

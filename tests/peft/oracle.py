@@ -48,3 +48,31 @@ def peft_save(peft_config, out_dir, spec: str = "tiny-llama"):
                 p.copy_(torch.randn_like(p) * 0.1 + (1.0 if p.ndim == 1 else 0.0))
     model.save_pretrained(str(out_dir))
     return logits(model.eval())
+
+
+def lively(model):
+    """Larger random weights: tiny models at their 0.02-std init repeat the last token, so greedy
+    generation would agree whatever the adapter did."""
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 2 / p.shape[1] ** 0.5)
+    return model
+
+
+def hf_generate(model, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """transformers' greedy `generate` (on a PeftModel: peft's) for a left-padded batch; new ids up to EOS."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False)
+    eos = model.generation_config.eos_token_id
+    return [row[:row.index(eos)] if eos in row else row for row in out[:, width:].tolist()]
+
+
+def llmlab_generate(model, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """llmlab's greedy decoding loop over a left-padded batch; new ids up to EOS."""
+    from llmlab.serve.generate import SamplingConfig, decode
+
+    return decode(model, prompts, SamplingConfig(max_new_tokens=n), [model.generation_config.eos_token_id], 0)
