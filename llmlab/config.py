@@ -76,8 +76,11 @@ def _set_override(cls, data: dict, dotted: str, text: str):
     """Parse `text` by the type of the field that `dotted` names, and store it in `data`."""
     *sections, key = dotted.replace("-", "_").split(".")
     node, node_cls, prefix = data, cls, ""
-    for section in sections:
+    for i, section in enumerate(sections):
         hint = _field_types(node_cls).get(section)
+        if hint is not None and _is_mapping(hint):  # free-form options: the rest of the name is a key path
+            _set_mapping_key(node, [section, *sections[i + 1:], key], text, dotted)
+            return
         if hint is None or not dataclasses.is_dataclass(hint):
             _unknown(node_cls, dotted, prefix, section)
         node = node.setdefault(section, {})
@@ -86,6 +89,23 @@ def _set_override(cls, data: dict, dotted: str, text: str):
     if hint is None:
         _unknown(node_cls, dotted, prefix, key)
     node[key] = parse_text(text, hint, f"--{dotted}")
+
+
+def _is_mapping(hint) -> bool:
+    return hint is dict or typing.get_origin(hint) is dict
+
+
+def _set_mapping_key(node: dict, path: list[str], text: str, dotted: str):
+    """`--adapter.r 16` into a `dict` field: the value is read as YAML (16 → int, [a, b] → list)."""
+    for name in path[:-1]:
+        node = node.setdefault(name, {})
+        if not isinstance(node, dict):
+            raise LlmlabError(f"--{dotted}: '{name}' is set to a {type(node).__name__} in the config file, "
+                              "not a mapping of keys to values")
+    try:
+        node[path[-1]] = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise LlmlabError(f"--{dotted} expects a YAML value, got '{text}' ({str(e).splitlines()[0]})") from None
 
 
 def _field_types(cls) -> dict:

@@ -18,6 +18,20 @@ def _isolated_runs(tmp_path, monkeypatch):
     monkeypatch.delenv("LLMLAB_REGISTRY", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _threads(request):
+    """Tiny models run fastest on one thread (two wait on each other); the built-in model gets them all."""
+    import torch
+
+    if "slow" in request.keywords:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama():
     from llmlab.models import load_model

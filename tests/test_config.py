@@ -80,3 +80,25 @@ def test_describe_and_bool_keys_flatten_sections():
     options = [row[0] for row in config.describe(Train)]
     assert "--optim.lr" in options and "--steps" in options
     assert config.bool_keys(Train) == {"bf16"}
+
+
+@dataclasses.dataclass
+class WithOptions:
+    method: str = "lora"
+    adapter: dict = field({}, help="the method's own options")
+    optim: Optim = field(default_factory=Optim)
+
+
+def test_dict_field_takes_section_key_overrides_as_yaml_values(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("adapter:\n  r: 8\n  dropout: 0.1\n")
+    cfg = config.load(WithOptions, path, {"adapter.r": "16", "adapter.use-rslora": "true",
+                                          "adapter.targets": "[q_proj, v_proj]", "adapter.name": "x",
+                                          "adapter.layers.first": "2", "optim.lr": "0.5"})
+    assert cfg.adapter == {"r": 16, "dropout": 0.1, "use_rslora": True, "targets": ["q_proj", "v_proj"],
+                           "name": "x", "layers": {"first": 2}}
+    assert cfg.optim.lr == 0.5 and config.load(WithOptions).adapter == {}
+    with pytest.raises(LlmlabError, match="--adapter.r expects a YAML value"):
+        config.load(WithOptions, None, {"adapter.r": "[1,"})
+    with pytest.raises(LlmlabError, match=r"unknown option '--adapterr.r' \(did you mean '--adapter"):
+        config.load(WithOptions, None, {"adapterr.r": "1"})

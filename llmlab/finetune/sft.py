@@ -1,0 +1,127 @@
+"""`llmlab finetune`: supervised fine-tuning on instruction or chat data, full or parameter-efficient.
+
+The method is a config choice (`--method lora|…|full`), not a second script: `llmlab.peft` swaps
+the model's modules and marks what trains, and `llmlab.train.fit` trains whatever requires grad
+against the SFT loss, the mean negative log-likelihood of the reply tokens:
+
+    L(θ) = − Σ_i Σ_{t ∈ reply_i} log p_θ(x_{i,t} | x_{i,<t}) / Σ_i |reply_i|
+
+The run folder gets the adapter in HF PEFT's format (`<run>/adapter/`), or for full and freeze
+fine-tuning the whole model (`<run>/model/`, which `load_model(<run>)` finds), next to
+config.yaml, metrics.jsonl, summary.json and the checkpoints that `--resume` continues from.
+"""
+
+import dataclasses
+import functools
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch.nn.functional as F
+
+from llmlab.config import build, field
+from llmlab.errors import LlmlabError, closest
+from llmlab.finetune.data import FORMATS, IGNORE, TEMPLATES, collate, load_sft_data
+from llmlab.finetune.packing import model_inputs, packing_mode
+from llmlab.models import load_model, save_model
+from llmlab.peft import METHODS, apply_method, print_trainable_parameters, save_adapter, trainable_parameters
+from llmlab.runs import RunOptions, start_run
+from llmlab.train import TrainConfig, fit, latest_checkpoint, seed_everything
+
+log = logging.getLogger("llmlab")
+
+WHOLE_MODEL = ("full", "freeze")  # methods that change the base weights: the run saves the model, not an adapter
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    model: str = field("smollm2-135m", help="model spec: built-in name, folder, .gguf, run folder or hub id")
+    data: str = field("", help="training rows: .jsonl, .json, .csv or .parquet file, or a hub dataset id")
+    eval_data: str | None = field(None, help="held-out rows in a file of the same format")
+    eval_fraction: float = field(0.0, help="hold out this fraction of --data for evaluation instead")
+    format: str = field("auto", help="auto (from the first row's fields), alpaca, messages, sharegpt or text")
+    template: str = field("auto", help="auto (the tokenizer's chat template) or alpaca (built-in prompt)")
+    max_len: int = field(1024, help="tokens per example; longer ones are truncated (and counted)")
+    packing: bool = field(False, help="pack several examples into each row of max_len tokens")
+    method: str = field("lora", help="lora, dora, ia3, adapter, prefix, ptuning2, prompt, ptuning, freeze or full")
+    adapter: dict[str, Any] = field({}, help="the method's options, e.g. --adapter.r 16 --adapter.alpha 32")
+    train: TrainConfig = field(default_factory=TrainConfig, help="the training loop")
+    dtype: str = field("fp32", help="weights' dtype: fp32, bf16 or fp16 (use --train.bf16 for mixed precision)")
+    device: str = field("cpu", help="cpu, cuda or auto")
+    resume: bool = field(False, help="continue the run in --out from its last checkpoint")
+    resume_from: str | None = field(None, help="continue from this checkpoint (or folder of checkpoints)")
+
+    def __post_init__(self):
+        if self.format not in ("auto", *FORMATS):
+            raise LlmlabError(f"unknown --format '{self.format}'; use auto, {', '.join(FORMATS)}")
+        if self.template not in ("auto", *TEMPLATES):
+            raise LlmlabError(f"unknown --template '{self.template}'; use auto or {', '.join(TEMPLATES)}")
+        if self.method not in METHODS:
+            raise LlmlabError(f"unknown --method '{self.method}'{closest(self.method, METHODS)}; "
+                              f"use one of {', '.join(METHODS)}")
+        build(METHODS[self.method].config, self.adapter, "adapter")  # fail before loading anything
+        if self.max_len < 2:
+            raise LlmlabError(f"--max-len must be at least 2, got {self.max_len}")
+        if not 0 <= self.eval_fraction < 1:
+            raise LlmlabError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_fraction and self.eval_data:
+            raise LlmlabError("give --eval-data or --eval-fraction, not both")
+
+
+def sft_loss(model, batch: dict):
+    """Summed cross-entropy of the reply tokens, and how many there are (see the module docstring)."""
+    logits = model(**model_inputs(model, batch)).logits  # (B, T, V)
+    targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                           ignore_index=IGNORE, reduction="sum")
+    return loss, int((targets != IGNORE).sum())
+
+
+def finetune(cfg: FinetuneConfig, opts: RunOptions) -> dict:
+    if not cfg.data:
+        raise LlmlabError("finetune needs training data: --data FILE (.jsonl, .json, .csv, .parquet) or a hub id")
+    resume = _resume_source(cfg, opts)
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    data = load_sft_data(cfg.data, tokenizer, eval_data=cfg.eval_data, eval_fraction=cfg.eval_fraction,
+                         fmt=cfg.format, template=cfg.template, max_len=cfg.max_len, packing=cfg.packing,
+                         seed=cfg.train.seed)
+    seed_everything(cfg.train.seed)  # adapters start from random weights: the same seed, the same run
+    model = apply_method(model, cfg.method, cfg.adapter)
+    print_trainable_parameters(model)
+    trainable, total = trainable_parameters(model)
+    block_mask = cfg.packing and packing_mode(model) == "mask"
+    batches = functools.partial(collate, pad_id=tokenizer.pad_token_id, block_mask=block_mask)
+    with start_run("finetune", cfg, opts) as run:
+        result = fit(model, sft_loss, data.train, cfg.train, collate=batches, eval_data=data.eval or None,
+                     run=run, checkpoint_dir=run.path / "checkpoints", resume=resume)
+        if cfg.method in WHOLE_MODEL:
+            saved = save_model(model, tokenizer, run.path / "model")
+        else:
+            save_adapter(model, run.path / "adapter")
+            saved = run.path / "adapter"
+        summary = run.finish({
+            "model": cfg.model, "method": cfg.method, "saved": str(saved), **result,
+            "trainable_params": trainable, "total_params": total,
+            "examples": data.stats["examples"], "eval_examples": data.stats["eval_examples"],
+            "truncated_rows": data.stats["truncated"], "dropped_rows": data.stats["dropped"],
+            "format": data.stats["format"]})
+    losses = "".join(f", {key.replace('_', ' ')} {result[key]:.4f}" for key in ("train_loss", "eval_loss")
+                     if result[key] is not None)
+    print(f"fine-tuned {cfg.model} ({cfg.method}) for {result['steps']} steps{losses}, "
+          f"{result['tokens_per_s']:,.0f} tokens/s -> {saved}")
+    return summary
+
+
+def _resume_source(cfg: FinetuneConfig, opts: RunOptions) -> Path | None:
+    """The checkpoint a resumed run starts from, found before any model is loaded."""
+    if cfg.resume_from:
+        source = Path(cfg.resume_from)
+    elif cfg.resume:
+        if not opts.out:
+            raise LlmlabError("--resume continues the run in --out DIR; give the run folder with --out")
+        source = Path(opts.out) / "checkpoints"
+    else:
+        return None
+    if latest_checkpoint(source) is None:
+        raise LlmlabError(f"no checkpoint to resume from in {source}; runs write them every --train.save-every steps")
+    return source
