@@ -28,7 +28,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 IMPLS = {
     "peft-fp32": "HF peft + plain transformers loop, fp32",
     "llmlab-fp32": "llmlab LoRA + fit(), fp32",
-    "llmlab-bf16": "llmlab LoRA + fit(), bf16 autocast (fp32 master weights)",
+    "llmlab-bf16": "llmlab LoRA + fit(), bf16 autocast, fp32 adapter weights, frozen base linears stored in bf16",
 }
 
 
@@ -103,9 +103,12 @@ def run_llmlab(model, tokenizer, train, held, args) -> dict:
     from llmlab.finetune.sft import sft_loss
     from llmlab.peft import LoraConfig, apply_lora
     from llmlab.train import TrainConfig, fit
+    from llmlab.train.loop import frozen_linears_to_bf16
 
     bf16 = args.worker == "llmlab-bf16"
     apply_lora(model, LoraConfig(r=args.rank, alpha=2 * args.rank, targets=TARGETS))
+    if bf16:
+        frozen_linears_to_bf16(model)  # as `llmlab finetune --train.bf16` does for adapter methods
     cfg = TrainConfig(lr=2e-4, max_steps=args.steps, batch_size=args.batch_size, warmup_steps=3, bf16=bf16,
                       eval_every=0, save_every=0, min_lr_ratio=0.0)
     result = fit(model, sft_loss, train, cfg, collate=partial(collate, pad_id=tokenizer.pad_token_id),

@@ -185,7 +185,8 @@ def _verb_help(verb: str, cfg_cls, positionals: list[str]) -> str:
     lines = [f"  {opt:<{width}}{help_} [default: {default}]" if default else f"  {opt:<{width}}{help_}"
              for opt, default, help_ in rows]
     args = " ".join(p.upper() + ("…" if p.endswith("s") else "") for p in positionals)
-    return f"usage: llmlab {verb} {args} [options]\n\n{STAGES[verb][4]}\n\noptions:\n" + "\n".join(lines)
+    more = cfg_cls.more_help() if hasattr(cfg_cls, "more_help") else ""  # e.g. each method's options
+    return f"usage: llmlab {verb} {args} [options]\n\n{STAGES[verb][4]}\n\noptions:\n" + "\n".join(lines) + more
 
 
 def _quiet_libraries(debug: bool):

@@ -27,6 +27,7 @@ from llmlab.models import load_model, save_model
 from llmlab.peft import METHODS, apply_method, print_trainable_parameters, save_adapter, trainable_parameters
 from llmlab.runs import RunOptions, start_run
 from llmlab.train import TrainConfig, fit, latest_checkpoint, seed_everything
+from llmlab.train.loop import frozen_linears_to_bf16
 
 log = logging.getLogger("llmlab")
 
@@ -50,6 +51,17 @@ class FinetuneConfig:
     device: str = field("cpu", help="cpu, cuda or auto")
     resume: bool = field(False, help="continue the run in --out from its last checkpoint")
     resume_from: str | None = field(None, help="continue from this checkpoint (or folder of checkpoints)")
+
+    @staticmethod
+    def more_help() -> str:
+        """Each method's --adapter.* options, for `llmlab finetune --help`."""
+        from llmlab.config import describe
+
+        lines = ["", "", "--adapter.* options of each --method:"]
+        for name, method in METHODS.items():
+            rows = describe(method.config, "adapter.")
+            lines.append(f"  {name}: " + ("; ".join(f"{opt} [{default}]" for opt, default, _ in rows) or "(none)"))
+        return "\n".join(lines)
 
     def __post_init__(self):
         if self.format not in ("auto", *FORMATS):
@@ -86,7 +98,9 @@ def finetune(cfg: FinetuneConfig, opts: RunOptions) -> dict:
                          fmt=cfg.format, template=cfg.template, max_len=cfg.max_len, packing=cfg.packing,
                          seed=cfg.train.seed)
     seed_everything(cfg.train.seed)  # adapters start from random weights: the same seed, the same run
-    model = apply_method(model, cfg.method, cfg.adapter)
+    model = apply_method(model, cfg.method, cfg.adapter, tokenizer=tokenizer)
+    if cfg.train.bf16 and cfg.method not in WHOLE_MODEL:
+        frozen_linears_to_bf16(model)  # the same numbers under autocast; the run saves only the adapter
     print_trainable_parameters(model)
     trainable, total = trainable_parameters(model)
     block_mask = cfg.packing and packing_mode(model) == "mask"

@@ -7,6 +7,8 @@
     merge_and_unload(model)                           # LoRA, DoRA, IA3
 """
 
+from inspect import signature
+
 from llmlab.config import build
 from llmlab.errors import LlmlabError, closest
 from llmlab.peft import adapter, dora, freeze, ia3, lora, prefix, prompt, ptuning
@@ -38,13 +40,17 @@ METHODS: dict[str, Method] = {
 }
 
 
-def apply_method(model, method: str, options: dict | None = None, name: str = DEFAULT):
-    """apply_<method>(model, Config(**options), name), with the options checked by the Config."""
+def apply_method(model, method: str, options: dict | None = None, name: str = DEFAULT, tokenizer=None):
+    """apply_<method>(model, Config(**options), name), with the options checked by the Config.
+
+    `tokenizer` reaches the methods that read text (prompt tuning initialised from a text).
+    """
     if method not in METHODS:
         raise LlmlabError(f"unknown fine-tuning method '{method}'{closest(method, METHODS)}; "
                           f"choose one of {', '.join(METHODS)}")
     spec = METHODS[method]
-    return spec.apply(model, build(spec.config, options or {}, method), name)
+    extra = {"tokenizer": tokenizer} if tokenizer is not None and "tokenizer" in signature(spec.apply).parameters else {}
+    return spec.apply(model, build(spec.config, options or {}, method), name, **extra)
 
 
 __all__ = ["METHODS", "DEFAULT", "apply_method", "LoraConfig", "apply_lora", "DoraConfig", "apply_dora",

@@ -119,3 +119,32 @@ def test_bf16_autocast_keeps_fp32_master_weights_and_checkpointing_gives_the_sam
             callbacks=[lambda s, m: (norms.append(m["grad_norm"]), active.append(checkpointed(model)))])
         assert not checkpointed(model)  # switched off again after training
     assert active == [False, True] and norms[0] == pytest.approx(norms[1], rel=1e-6)
+
+
+def test_frozen_linears_in_bf16_give_the_same_autocast_numbers():
+    import copy
+
+    from llmlab.finetune.sft import sft_loss
+    from llmlab.models import load_model
+    from llmlab.peft import LoraConfig, apply_lora
+    from llmlab.train.loop import frozen_linears_to_bf16
+
+    torch.manual_seed(0)
+    model, _ = load_model("tiny-llama")
+    apply_lora(model, LoraConfig(r=4, targets=["all-linear"]))
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    compact = copy.deepcopy(model)
+    assert frozen_linears_to_bf16(compact) == 14  # 7 linear layers x 2 blocks; the tied head stays fp32
+    assert all(p.dtype == torch.float32 for p in compact.parameters() if p.requires_grad)
+    ids = torch.randint(0, 320, (2, 12))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    results = []
+    for m in (model, compact):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = sft_loss(m, batch)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in m.parameters() if p.requires_grad]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
