@@ -1,5 +1,6 @@
 """Read a user's text file, refusing the mistakes that would otherwise give nonsense numbers."""
 
+import json
 from pathlib import Path
 
 from llmlab.errors import LlmlabError
@@ -21,3 +22,19 @@ def read_text(path: str | Path) -> str:
         line = raw[:e.start].count(b"\n") + 1
         raise LlmlabError(f"data file {path} is not UTF-8 text (bad byte at line {line}); "
                           "convert it with `iconv -t utf-8`") from None
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON Lines file; errors name the line."""
+    rows = []
+    for number, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LlmlabError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise LlmlabError(f"{path}:{number}: each line must be a JSON object, not {type(row).__name__}")
+        rows.append((number, row))
+    return rows

@@ -17,7 +17,6 @@ A second number, `contains_accuracy`, counts replies in which the answer appears
 that does not know it, i.e. how much of a fine-tune's gain is format and how much is content.
 """
 
-import json
 import re
 import time
 from collections import defaultdict
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 from llmlab.atomic import atomic_write_jsonl
 from llmlab.config import field
 from llmlab.data.tasks import alpaca_message
-from llmlab.data.text import read_text
+from llmlab.data.text import read_jsonl
 from llmlab.errors import LlmlabError
 from llmlab.runs import RunOptions, start_run
 from llmlab.serve.generate import SamplingConfig, generate
@@ -94,14 +93,8 @@ def _by_kind(examples: list[dict]) -> dict:
 def read_rows(path: str | Path, limit: int | None = None) -> list[dict]:
     """Alpaca rows from a .jsonl file: each an object with string `instruction` and `output`."""
     rows = []
-    for number, line in enumerate(read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LlmlabError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        if not (isinstance(row, dict) and isinstance(row.get("instruction"), str)
+    for number, row in read_jsonl(path):
+        if not (isinstance(row.get("instruction"), str)
                 and isinstance(row.get("output"), str) and isinstance(row.get("input", ""), str)):
             raise LlmlabError(f"{path}:{number}: each row must be an object with string 'instruction' and "
                               "'output' fields (and optionally 'input'), as alpaca data has")

@@ -13,7 +13,6 @@ so a padded prompt sees exactly what it would see alone.
 
 import functools
 import inspect
-import json
 import re
 import sys
 import time
@@ -24,7 +23,7 @@ import torch
 
 from llmlab.atomic import atomic_write_jsonl
 from llmlab.config import field
-from llmlab.data.text import read_text
+from llmlab.data.text import read_jsonl, read_text
 from llmlab.errors import LlmlabError
 from llmlab.models import context_length, load_model
 from llmlab.runs import start_run
@@ -406,26 +405,19 @@ def read_prompts(cfg: GenerateConfig) -> tuple[list[str], list[str | None]]:
     if cfg.prompt is not None:
         return [cfg.prompt], [None]
     path = Path(cfg.prompts)
-    lines = read_text(path).splitlines()
     if path.suffix == ".jsonl":
-        rows = _jsonl_prompts(path, lines)
+        rows = _jsonl_prompts(path)
     else:
-        rows = [(ln, None) for ln in lines if ln.strip()]
+        rows = [(ln, None) for ln in read_text(path).splitlines() if ln.strip()]
     if not rows:
         raise LlmlabError(f"{path} holds no prompts")
     return [p for p, _ in rows], [a for _, a in rows]
 
 
-def _jsonl_prompts(path: Path, lines: list[str]) -> list[tuple[str, str | None]]:
+def _jsonl_prompts(path: Path) -> list[tuple[str, str | None]]:
     prompts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LlmlabError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+    for number, row in read_jsonl(path):
+        if not isinstance(row.get("prompt"), str):
             raise LlmlabError(f"{path}:{number}: each row must be an object with a string 'prompt' field")
         if not isinstance(row.get("adapter", ""), str):
             raise LlmlabError(f"{path}:{number}: 'adapter' must be the name of a loaded adapter")

@@ -5,7 +5,6 @@ the base model; its SFT loss on the training rows must be below the untrained mo
 """
 
 import json
-from functools import partial
 
 import pytest
 import torch
