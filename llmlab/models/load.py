@@ -109,6 +109,10 @@ def _reading(what: str):
 
 def _load_folder(folder: Path, dtype: torch.dtype):
     _check_safetensors(folder)
+    if (folder / "llmlab_quantization.json").is_file():  # packed low-bit weights: rebuilt by llmlab.compress
+        from llmlab.compress.io import load_quantized
+
+        return load_quantized(folder, dtype)
     with _reading(f"model folder {folder}"):
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)

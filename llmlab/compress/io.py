@@ -1,0 +1,169 @@
+"""Save a quantized model as an HF folder with its packed weights, and load it back.
+
+The folder is a normal transformers folder (config.json, generation_config.json, the tokenizer,
+model.safetensors) whose state dict holds each quantized layer's packed buffers (qweight,
+scales, zeros, …) in place of its float weight, plus `llmlab_quantization.json`:
+
+    {"format": 1, "method": "gptq", "modules": {"model.layers.0.self_attn.q_proj": {"kind": "weight_only",
+                                                                                   "bits": 4, ...}, ...}}
+
+Loading builds the model with its parameters on the meta device (no float weights are ever
+allocated), swaps each listed module for `QUANTIZED[kind].empty(...)`, assigns the tensors of
+the file, and ties the embeddings again. `load_model(folder)` does this whenever the marker file
+is there, so every verb takes a quantized folder as its model.
+"""
+
+import importlib
+import json
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.pytorch_utils import Conv1D
+
+from llmlab.atomic import atomic_dir, atomic_write_json
+from llmlab.compress.qlinear import QUANTIZED, quantized_linears
+from llmlab.errors import LlmlabError, closest
+
+MARKER = "llmlab_quantization.json"
+WEIGHTS = "model.safetensors"
+FORMAT = 1
+
+
+def save_quantized(model, tokenizer, out: str | Path, method: str | None = None) -> Path:
+    """Write the quantized model, its tokenizer and the marker file into `out`, atomically."""
+    out = Path(out)
+    modules = {name: {"kind": m.kind, **m.config()} for name, m in quantized_linears(model).items()}
+    method = method or getattr(model, "llmlab_quant_method", None) or "+".join(sorted({m["kind"] for m in modules.values()}))
+    with atomic_dir(out) as tmp:
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_file(_unique_tensors(model.state_dict()), tmp / WEIGHTS, metadata={"format": "pt"})
+        atomic_write_json(tmp / MARKER, {"format": FORMAT, "method": method, "modules": modules})
+    return out
+
+
+def _unique_tensors(state: dict) -> dict:
+    """The state dict without the second name of a tied tensor (safetensors refuses shared memory);
+    loading ties them again. The first name (the input embedding) is the one kept."""
+    seen, unique = set(), {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        unique[name] = tensor.detach().contiguous()
+    return unique
+
+
+def is_quantized_folder(folder: str | Path) -> bool:
+    return (Path(folder) / MARKER).is_file()
+
+
+def load_quantized(folder: str | Path, dtype: str | torch.dtype = "fp32"):
+    """(model, tokenizer) from a folder written by save_quantized; float tensors in `dtype`."""
+    from llmlab.models.load import resolve_dtype
+
+    folder, dtype = Path(folder), resolve_dtype(dtype)
+    marker = _read_marker(folder)
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) computed
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, options in marker["modules"].items():
+        _swap_in(model, name, dict(options), folder)
+    model.load_state_dict(_read_tensors(folder, model, dtype), strict=False, assign=True)
+    model.tie_weights()
+    _check_loaded(model, folder)
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    model.llmlab_quant_method = marker.get("method")
+    return model.eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def _read_marker(folder: Path) -> dict:
+    try:
+        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise LlmlabError(f"{folder / MARKER} is not readable JSON ({e}); re-run `llmlab quantize`") from None
+    if not isinstance(marker, dict) or marker.get("format") != FORMAT or not isinstance(marker.get("modules"), dict):
+        raise LlmlabError(f"{folder / MARKER} is not an llmlab quantization file of format {FORMAT}")
+    return marker
+
+
+def _swap_in(model, name: str, options: dict, folder: Path):
+    """Replace the float module `name` (still on meta) by an empty quantized layer of its shape."""
+    kind = options.pop("kind", None)
+    cls = _layer_class(kind, folder)
+    try:
+        old = model.get_submodule(name)
+    except AttributeError:
+        raise LlmlabError(f"{folder / MARKER} names module '{name}', which this model "
+                          f"({type(model).__name__}) does not have") from None
+    out_features, in_features = old.weight.shape[::-1] if isinstance(old, Conv1D) else old.weight.shape
+    try:
+        with torch.device("meta"):  # every tensor of the layer must then come from the file
+            layer = cls.empty(in_features, out_features, old.bias is not None, **options)
+    except TypeError as e:
+        raise LlmlabError(f"{folder / MARKER}: bad options for {name} ({e})") from None
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, layer)
+
+
+def _layer_class(kind, folder: Path):
+    if kind not in QUANTIZED:  # the layer classes of other methods register when their files are imported
+        from llmlab.compress import METHODS
+
+        for entry in METHODS.values():
+            try:
+                importlib.import_module(f"llmlab.compress.{entry.module}")
+            except ModuleNotFoundError as e:
+                if e.name != f"llmlab.compress.{entry.module}":
+                    raise
+    if kind not in QUANTIZED:
+        raise LlmlabError(f"{folder / MARKER} uses quantized layer kind '{kind}', which this llmlab does not know"
+                          f"{closest(str(kind), QUANTIZED)}; known kinds: {', '.join(QUANTIZED)}")
+    return QUANTIZED[kind]
+
+
+def _read_tensors(folder: Path, model, dtype: torch.dtype) -> dict:
+    """Every tensor the model expects, from the file: a missing or mis-shaped one is named."""
+    expected = model.state_dict()
+    tied = {name for name, t in expected.items() if t.device.type == "meta" and _is_tied(model, name)}
+    tensors = {}
+    with safe_open(folder / WEIGHTS, framework="pt") as f:
+        present = set(f.keys())
+        for name, want in expected.items():
+            if name not in present:
+                if name in tied or want.device.type != "meta":  # tied copies and computed buffers need no data
+                    continue
+                raise LlmlabError(f"{folder / WEIGHTS} has no tensor '{name}'{_what(name)}; the file is incomplete: "
+                                  "save the model again")
+            t = f.get_tensor(name)
+            if tuple(t.shape) != tuple(want.shape):
+                raise LlmlabError(f"{folder / WEIGHTS}: tensor '{name}' has shape {tuple(t.shape)}, the model "
+                                  f"needs {tuple(want.shape)}; the file does not match its config")
+            tensors[name] = t.to(dtype) if t.is_floating_point() else t
+    return tensors
+
+
+def _is_tied(model, name: str) -> bool:
+    """Whether `name` is the second name of a tied parameter (the output embedding, usually)."""
+    tied = model.get_expanded_tied_weights_keys(all_submodels=True) if hasattr(
+        model, "get_expanded_tied_weights_keys") else {}
+    return name in tied
+
+
+def _what(name: str) -> str:
+    role = {"scales": "the scales", "zeros": "the zero points", "qweight": "the packed weights"}.get(name.rsplit(".", 1)[-1])
+    return f" ({role} of a quantized layer)" if role else ""
+
+
+def _check_loaded(model, folder: Path):
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.device.type == "meta":
+            raise LlmlabError(f"{folder / WEIGHTS} has no tensor '{name}'; the file is incomplete: save the model again")
