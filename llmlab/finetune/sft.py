@@ -9,6 +9,11 @@ against the SFT loss, the mean negative log-likelihood of the reply tokens:
 The run folder gets the adapter in HF PEFT's format (`<run>/adapter/`), or for full and freeze
 fine-tuning the whole model (`<run>/model/`, which `load_model(<run>)` finds), next to
 config.yaml, metrics.jsonl, summary.json and the checkpoints that `--resume` continues from.
+
+`--quantize nf4` quantizes the frozen base before the adapters go on: QLoRA (Dettmers et al. 2023,
+https://arxiv.org/abs/2305.14314), LoRA trained through an NF4 base computing in bf16. Any
+calibration-free method of `llmlab quantize` works the same way (`--quantize rtn --quant.bits 4`);
+for a GPTQ/AWQ base, quantize first and pass the quantized folder as --model.
 """
 
 import dataclasses
@@ -46,6 +51,10 @@ class FinetuneConfig:
     packing: bool = field(False, help="pack several examples into each row of max_len tokens")
     method: str = field("lora", help="lora, dora, ia3, adapter, prefix, ptuning2, prompt, ptuning, freeze or full")
     adapter: dict[str, Any] = field({}, help="the method's options, e.g. --adapter.r 16 --adapter.alpha 32")
+    quantize: str | None = field(None, help="quantize the frozen base before adding adapters: nf4 (QLoRA), or rtn "
+                                            "with --quant.bits/--quant.group-size")
+    quant: dict[str, Any] = field({}, help="the quantization method's options, e.g. --quant.bits 4 "
+                                           "--quant.group-size 32")
     train: TrainConfig = field(default_factory=TrainConfig, help="the training loop")
     dtype: str = field("fp32", help="weights' dtype: fp32, bf16 or fp16 (use --train.bf16 for mixed precision)")
     device: str = field("cpu", help="cpu, cuda or auto")
@@ -72,6 +81,8 @@ class FinetuneConfig:
             raise LlmlabError(f"unknown --method '{self.method}'{closest(self.method, METHODS)}; "
                               f"use one of {', '.join(METHODS)}")
         build(METHODS[self.method].config, self.adapter, "adapter")  # fail before loading anything
+        if self.quantize is not None:
+            _quant_config(self)
         if self.max_len < 2:
             raise LlmlabError(f"--max-len must be at least 2, got {self.max_len}")
         if not 0 <= self.eval_fraction < 1:
@@ -97,6 +108,8 @@ def finetune(cfg: FinetuneConfig, opts: RunOptions) -> dict:
     data = load_sft_data(cfg.data, tokenizer, eval_data=cfg.eval_data, eval_fraction=cfg.eval_fraction,
                          fmt=cfg.format, template=cfg.template, max_len=cfg.max_len, packing=cfg.packing,
                          seed=cfg.train.seed)
+    if cfg.quantize is not None:
+        model = _quantize_base(model, cfg)
     seed_everything(cfg.train.seed)  # adapters start from random weights: the same seed, the same run
     model = apply_method(model, cfg.method, cfg.adapter, tokenizer=tokenizer)
     if cfg.train.bf16 and cfg.method not in WHOLE_MODEL:
@@ -124,6 +137,27 @@ def finetune(cfg: FinetuneConfig, opts: RunOptions) -> dict:
     print(f"fine-tuned {cfg.model} ({cfg.method}) for {result['steps']} steps{losses}, "
           f"{result['tokens_per_s']:,.0f} tokens/s -> {saved}")
     return summary
+
+
+def _quant_config(cfg: FinetuneConfig):
+    """The --quantize method's Config from --quant.*; LlmlabError for methods that cannot give a QLoRA base."""
+    from llmlab.compress import get_method
+
+    if cfg.method in WHOLE_MODEL:
+        raise LlmlabError(f"--quantize freezes the base in low-bit form; --method {cfg.method} trains the base "
+                          f"weights themselves: use an adapter method (lora, dora, ...)")
+    config, _, needs_calib = get_method(cfg.quantize)
+    if needs_calib:
+        raise LlmlabError(f"--quantize {cfg.quantize} needs calibration data: run `llmlab quantize --method "
+                          f"{cfg.quantize} ... --out DIR` first and fine-tune with --model DIR")
+    return build(config, cfg.quant, "quant")
+
+
+def _quantize_base(model, cfg: FinetuneConfig):
+    """QLoRA's frozen base: the model's linears swapped for quantized ones before the adapters wrap them."""
+    from llmlab.compress import quantize_model
+
+    return quantize_model(model, cfg.quantize, None, **cfg.quant)
 
 
 def _resume_source(cfg: FinetuneConfig, opts: RunOptions) -> Path | None:

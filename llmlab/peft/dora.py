@@ -27,7 +27,8 @@ from torch import nn
 from llmlab.peft import lora
 from llmlab.peft.base import DEFAULT, AdapterLayer, Method, mark_trainable, set_adapter
 from llmlab.peft.lora import LoRA, LoraConfig, LoraLinear
-from llmlab.peft.targets import default_targets, find_targets, linear_shape, set_module, weight_of
+from llmlab.peft.targets import (default_targets, device_of, find_targets, linear_shape, read_weight, set_module,
+                                 weight_of)
 
 
 @dataclass
@@ -40,7 +41,7 @@ class DoRA(LoRA):
 
     def __init__(self, layer: nn.Module, cfg: DoraConfig):
         super().__init__(*linear_shape(layer), cfg)
-        weight = weight_of(layer).detach()
+        weight = read_weight(layer).detach()
         self.magnitude = nn.Parameter(self.weight_norm(weight).to(self.A.weight.dtype))  # ‖W‖_c: B is zero
 
     def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
@@ -85,7 +86,7 @@ class DoraLinear(AdapterLayer):
 
     def base_weight(self) -> torch.Tensor:
         """W (out, in): the layer's weight with the merged DoRA adapters taken out, as every n is taken of it."""
-        weight = weight_of(self.base_layer)
+        weight = read_weight(self.base_layer)
         if self.merged:
             with torch.no_grad():
                 for name in reversed(self.merged):
@@ -129,8 +130,7 @@ def apply_dora(model: nn.Module, cfg: DoraConfig | None = None, name: str = DEFA
     targets = cfg.targets or ([] if cfg.regex else default_targets(model))
     for path in find_targets(model, targets, cfg.regex):
         layer = dora_layer(model, path)
-        weight = weight_of(layer.base_layer)
-        layer.add(name, DoRA(layer.base_layer, cfg).to(weight.device))
+        layer.add(name, DoRA(layer.base_layer, cfg).to(device_of(layer.base_layer)))
     set_adapter(model, name)
     mark_trainable(model, name)
     return model

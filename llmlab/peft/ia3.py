@@ -24,7 +24,7 @@ from transformers.pytorch_utils import Conv1D
 from llmlab.config import field
 from llmlab.errors import LlmlabError
 from llmlab.peft.base import DEFAULT, AdapterLayer, Method, mark_trainable, set_adapter
-from llmlab.peft.targets import (ALL_LINEAR, default_targets, find_targets, linear_shape, peft_targets,
+from llmlab.peft.targets import (ALL_LINEAR, default_targets, device_of, find_targets, linear_shape, peft_targets,
                                  read_targets, set_module, weight_of)
 
 
@@ -129,7 +129,7 @@ def apply_ia3(model: nn.Module, cfg: IA3Config | None = None, name: str = DEFAUL
             layer = IA3Linear(layer)
             set_module(model, path, layer)
         adapter = IA3(*linear_shape(layer.base_layer), is_feedforward(path, feedforward), cfg)
-        layer.add(name, adapter.to(weight_of(layer.base_layer).device))
+        layer.add(name, adapter.to(device_of(layer.base_layer)))
     set_adapter(model, name)
     mark_trainable(model, name)
     return model

@@ -9,6 +9,7 @@ every linear layer except the output head. Defaults per architecture live in tar
 import re
 from functools import cache
 from importlib import resources
+from itertools import chain
 
 import yaml
 from torch import nn
@@ -17,6 +18,8 @@ from transformers.pytorch_utils import Conv1D
 from llmlab.errors import LlmlabError
 
 ALL_LINEAR = "all-linear"
+MERGE_QUANTIZED = ("merge_and_unload needs a float base; dequantize first: this adapter sits on a quantized layer, "
+                   "so merge it into the unquantized model instead (llmlab merge --model FLOAT_MODEL --adapter RUN)")
 
 
 @cache
@@ -50,15 +53,36 @@ def read_targets(fields: dict) -> tuple[list[str], str | None]:
 
 
 def is_linear(module: nn.Module) -> bool:
-    """nn.Linear, or GPT-2's Conv1D (a linear layer with its weight stored transposed)."""
-    return isinstance(module, (nn.Linear, Conv1D))
+    """nn.Linear, GPT-2's Conv1D (a linear layer with its weight stored transposed), or a quantized linear."""
+    return isinstance(module, (nn.Linear, Conv1D)) or is_quantized(module)
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """A quantized linear layer (llmlab.compress's QuantizedLinear, e.g. NF4 for QLoRA), known by its
+    `dequantized_weight` method: peft must not import compress, which depends on it."""
+    return callable(getattr(type(module), "dequantized_weight", None))
 
 
 def weight_of(module: nn.Module):
     """The (out_features, in_features) weight of a linear layer (or of the one an adapter wraps), for either
-    storage order; a view, so writing to it writes the layer's weight."""
+    storage order; a view, so writing to it writes the layer's weight. A quantized layer has none to write
+    (merging into it would need re-quantizing): LlmlabError."""
     module = _innermost(module)
+    if is_quantized(module):
+        raise LlmlabError(MERGE_QUANTIZED)
     return module.weight.T if isinstance(module, Conv1D) else module.weight
+
+
+def read_weight(module: nn.Module):
+    """The (out, in) weight the layer multiplies by, for reading: dequantized (a new tensor) if quantized."""
+    module = _innermost(module)
+    return module.dequantized_weight() if is_quantized(module) else weight_of(module)
+
+
+def device_of(module: nn.Module):
+    """Where the (innermost) layer's tensors live; a quantized layer may hold only buffers."""
+    module = _innermost(module)
+    return next(chain(module.parameters(), module.buffers())).device
 
 
 def matches(name: str, targets: list[str], regex: str | None = None) -> bool:
@@ -123,7 +147,10 @@ def set_module(model: nn.Module, name: str, module: nn.Module):
 
 
 def linear_shape(layer: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of an nn.Linear or a Conv1D."""
+    """(in_features, out_features) of an nn.Linear, a Conv1D or a quantized linear."""
+    layer = _innermost(layer)
+    if is_quantized(layer):
+        return layer.in_features, layer.out_features
     out_features, in_features = weight_of(layer).shape
     return in_features, out_features
 
@@ -138,5 +165,5 @@ def wrap_targets(model: nn.Module, cfg, name: str, wrapper: type, make, table: s
             layer = wrapper(layer)
             set_module(model, path, layer)
         adapter = make(layer._modules["base_layer"])
-        layer.add(name, adapter.to(weight_of(layer._modules["base_layer"]).device))
+        layer.add(name, adapter.to(device_of(layer._modules["base_layer"])))
     return names
