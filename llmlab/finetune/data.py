@@ -6,6 +6,8 @@ formats (detected from the first row's fields unless `--format` says):
     messages   {"messages": [{"role", "content"}, …]}                  (OpenAI style)
     sharegpt   {"conversations": [{"from": human|gpt|system, "value"}, …]}
     text       {"text"}                                                 (loss on every token)
+A folder of token shards (`llmlab data pack`, or a pipeline's `output.tokenizer`) is read as
+already-tokenized text: windows of `max_len` tokens, the loss on every token (continued pretraining).
 Conversations are rendered with the tokenizer's chat template (or a built-in one, `--template
 alpaca`). The loss falls only on assistant replies, as in InstructGPT's SFT stage (Ouyang et al.
 2022, https://arxiv.org/abs/2203.02155): labels are −100 everywhere else, and
@@ -201,6 +203,8 @@ def load_sft_data(data: str, tokenizer, *, eval_data: str | None = None, eval_fr
                   fmt: str = "auto", template: str = "auto", max_len: int = 1024, packing: bool = False,
                   seed: int = 0) -> SFTData:
     """Training and held-out examples, tokenized, truncated and (optionally) packed."""
+    if is_token_shards(data):
+        return token_shard_data(data, tokenizer, eval_fraction=eval_fraction, max_len=max_len, seed=seed)
     rows = list(enumerate(read_rows(data), 1))
     fmt = detect_format(rows[0][1], f"{data} row 1") if fmt == "auto" else fmt
     eval_rows = list(enumerate(read_rows(eval_data), 1)) if eval_data else []
@@ -223,6 +227,36 @@ def load_sft_data(data: str, tokenizer, *, eval_data: str | None = None, eval_fr
     if packing:
         train, held = pack(train, max_len), pack(held, max_len)
         stats["packed_rows"] = len(train)
+    return SFTData(train, held, stats)
+
+
+def is_token_shards(data: str) -> bool:
+    from llmlab.data.shards import MANIFEST
+
+    path = Path(data).expanduser()
+    return (path / MANIFEST).is_file() or (path / "tokens" / MANIFEST).is_file()
+
+
+def token_shard_data(data: str, tokenizer, *, eval_fraction: float, max_len: int, seed: int) -> SFTData:
+    """Windows of `max_len` tokens over packed token shards, labelled with themselves (every token a target)."""
+    from llmlab.data.shards import TokenShards
+
+    shards = TokenShards(data, seq_len=max_len - 1)  # windows of seq_len + 1 = max_len tokens
+    if shards.manifest["vocab_size"] > len(tokenizer):
+        raise LlmlabError(f"token shards {data} were made with a {shards.manifest['vocab_size']}-token vocabulary "
+                          f"({shards.manifest['tokenizer'] or 'unknown tokenizer'}), larger than the model's "
+                          f"{len(tokenizer)}; pack them with the model's tokenizer")
+    if not len(shards):
+        raise LlmlabError(f"token shards {data} hold fewer than --max-len {max_len} tokens; lower --max-len")
+    examples = [{"input_ids": w.tolist(), "labels": w.tolist()} for w in map(shards.__getitem__, range(len(shards)))]
+    random.Random(seed).shuffle(examples)
+    n_eval = round(eval_fraction * len(examples)) if eval_fraction else 0
+    if eval_fraction and not 0 < n_eval < len(examples):
+        raise LlmlabError(f"--eval-fraction {eval_fraction} of {len(examples)} windows leaves an empty split")
+    train, held = examples[n_eval:], examples[:n_eval]
+    stats = {"rows": len(examples), "truncated": 0, "dropped": 0, "format": "tokens", "examples": len(train),
+             "eval_examples": len(held), "eval_truncated": 0, "tokens": len(train) * max_len,
+             "target_tokens": len(train) * (max_len - 1)}
     return SFTData(train, held, stats)
 
 

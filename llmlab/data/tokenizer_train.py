@@ -1,0 +1,168 @@
+"""Train a tokenizer on a corpus: byte-level BPE, WordPiece or Unigram, with HF `tokenizers`.
+
+- Byte-level BPE — R. Sennrich, B. Haddow, A. Birch, "Neural Machine Translation of Rare Words
+  with Subword Units", ACL 2016, https://arxiv.org/abs/1508.07909, over bytes as in GPT-2
+  (Radford et al. 2019): start from the 256 bytes and repeatedly merge the most frequent
+  adjacent pair, (a, b) = argmax count(a b), until the vocabulary is full. No unknown tokens.
+- WordPiece — Y. Wu et al., "Google's Neural Machine Translation System", 2016,
+  https://arxiv.org/abs/1609.08144 (as in BERT): merges chosen by count(ab) / (count(a)·count(b));
+  continuation pieces carry a `##` prefix; CJK characters are split apart first, as BERT does
+  (so decoding puts spaces between them), and the alphabet keeps the vocab_size/4 most frequent
+  characters (the rest become <unk>). Unigram keeps every character: its vocab_size must exceed
+  the corpus's number of distinct characters (thousands, for Chinese).
+- Unigram — T. Kudo, "Subword Regularization", ACL 2018, https://arxiv.org/abs/1804.10959
+  (SentencePiece): a unigram LM over pieces, P(x) = Π p(x_i), pruned from a large seed vocabulary
+  by how much each piece's removal lowers the corpus likelihood.
+
+The result is saved as a transformers tokenizer folder (tokenizer.json, tokenizer_config.json),
+loadable with `AutoTokenizer.from_pretrained(folder)` and so by `llmlab data pack` and the
+model loaders. The first special token is the end-of-text token (EOS, padding, the packing
+separator); `<|im_start|>`/`<|im_end|>` among the specials add llmlab's ChatML template.
+
+Compression is reported as bytes per token, Σ|utf8(x)| / Σ|tokens(x)| over held-out text, per
+language: a tokenizer trained on English alone spends about one token per byte on Chinese.
+"""
+
+from dataclasses import dataclass
+from importlib import resources
+from itertools import islice
+from typing import Iterable, Iterator
+
+from llmlab.config import field
+from llmlab.data.pipeline import InputConfig
+from llmlab.data.readers import plan_shards, read_shard
+from llmlab.data.steps.decontaminate import EvalFiles, read_items
+from llmlab.errors import LlmlabError
+from llmlab.runs import RunOptions, format_table, start_run
+
+KINDS = ("bpe", "wordpiece", "unigram")
+UNK = "<unk>"
+
+
+def iter_texts(cfg: InputConfig, limit: int | None = None) -> Iterator[str]:
+    """The texts of the documents the pipeline's readers find for `cfg` (files, globs, pipeline output)."""
+    from collections import Counter
+
+    stats = Counter()
+    docs = (doc["text"] for shard in plan_shards(cfg) for doc in read_shard(shard, cfg, stats))
+    yield from islice(docs, limit)
+
+
+def _components(kind: str, vocab_size: int, specials: list[str], min_frequency: int):
+    """(model, normalizer, pre-tokenizer, decoder, trainer) of one tokenizer kind."""
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+    if kind == "bpe":
+        return (models.BPE(), None, pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel(),
+                trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    if kind == "wordpiece":
+        return (models.WordPiece(unk_token=UNK),
+                normalizers.BertNormalizer(lowercase=False, strip_accents=False, handle_chinese_chars=True),
+                pre_tokenizers.BertPreTokenizer(), decoders.WordPiece(),
+                trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                          limit_alphabet=max(100, vocab_size // 4), show_progress=False))
+    return (models.Unigram(), normalizers.NFKC(), pre_tokenizers.Metaspace(), decoders.Metaspace(),
+            trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token=UNK,
+                                    show_progress=False))
+
+
+def train_tokenizer(texts: Iterable[str], kind: str = "bpe", vocab_size: int = 8000,
+                    special_tokens: list[str] | None = None, min_frequency: int = 2):
+    """A transformers PreTrainedTokenizerFast of `kind`, trained on `texts`."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    if kind not in KINDS:
+        raise LlmlabError(f"unknown tokenizer kind '{kind}'; choose from {', '.join(KINDS)}")
+    specials = list(special_tokens or ["<|endoftext|>"])
+    if kind != "bpe" and UNK not in specials:  # WordPiece and Unigram need a token for unseen characters
+        specials.append(UNK)
+    model, normalizer, pre_tokenizer, decoder, trainer = _components(kind, vocab_size, specials, min_frequency)
+    tok = Tokenizer(model)
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    tok.pre_tokenizer, tok.decoder = pre_tokenizer, decoder
+    try:
+        tok.train_from_iterator(texts, trainer=trainer)
+    except Exception as e:  # the Rust trainer raises a bare Exception, e.g. Unigram with too small a vocabulary
+        raise LlmlabError(f"training the {kind} tokenizer failed: {e}"
+                          + ("; raise --vocab-size above the corpus's number of distinct characters"
+                             if "not large enough" in str(e) else "")) from None
+    chat = "<|im_start|>" in specials and "<|im_end|>" in specials
+    template = resources.files("llmlab.models").joinpath("chatml.txt").read_text() if chat else None
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=specials[0], pad_token=specials[0],
+                                   unk_token=UNK if kind != "bpe" else None, chat_template=template)
+
+
+def bytes_per_token(tokenizer, texts: list[str]) -> float:
+    """Σ UTF-8 bytes / Σ tokens (no special tokens) over `texts`: higher is better compression."""
+    texts = [t for t in texts if t]
+    n_tokens = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else 0
+    if n_tokens == 0:
+        raise LlmlabError("bytes_per_token: the held-out texts are empty")
+    return sum(len(t.encode("utf-8")) for t in texts) / n_tokens
+
+
+def compression_table(tokenizers: dict, heldout: dict[str, list[str]]) -> tuple[str, dict]:
+    """A printed table of bytes per token (rows: held-out sets, columns: tokenizers) and its numbers."""
+    numbers = {name: {label: bytes_per_token(tok, texts) for label, texts in heldout.items()}
+               for name, tok in tokenizers.items()}
+    rows = [[label, sum(len(t.encode("utf-8")) for t in texts)] + [f"{numbers[n][label]:.3f}" for n in tokenizers]
+            for label, texts in heldout.items()]
+    return format_table(["held-out", "bytes", *[f"{n} bytes/token" for n in tokenizers]], rows), numbers
+
+
+# ---- the `llmlab data tokenizer` verb ----
+
+@dataclass
+class TokenizerConfig:
+    input: InputConfig = field(default_factory=InputConfig, help="the training corpus (as in pipeline input)")
+    kinds: list[str] = field(["bpe"], help=f"tokenizers to train: {', '.join(KINDS)}")
+    vocab_size: int = field(8000, help="vocabulary size, special tokens included")
+    min_frequency: int = field(2, help="BPE/WordPiece: merges seen fewer times are not made")
+    special_tokens: list[str] = field(["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                      help="special tokens; the first is end-of-text (EOS and padding)")
+    max_docs: int | None = field(None, help="train on at most this many documents")
+    heldout: list[dict] = field([], help="held-out text for bytes per token: [{name: en, path, fields}, ...]")
+    heldout_items: int = field(2000, help="items read from each held-out set")
+
+    def __post_init__(self):
+        if not self.input.path:
+            raise LlmlabError("--input.path is required: the text to train on (file, folder or glob)")
+        bad = [k for k in self.kinds if k not in KINDS]
+        if bad or not self.kinds:
+            raise LlmlabError(f"--kinds must name tokenizers from {', '.join(KINDS)}; got {', '.join(bad) or 'none'}")
+        if not self.special_tokens:
+            raise LlmlabError("--special-tokens needs at least the end-of-text token, e.g. <|endoftext|>")
+        if not 256 + len(self.special_tokens) < self.vocab_size <= 1 << 20:  # byte-level BPE starts from 256 bytes
+            raise LlmlabError(f"--vocab-size must exceed 256 + the {len(self.special_tokens)} special tokens and be "
+                              f"at most 2^20, got {self.vocab_size}")
+        for i, entry in enumerate(self.heldout):
+            if not isinstance(entry, dict) or not entry.get("name") or not entry.get("path"):
+                raise LlmlabError(f"heldout[{i}] must be a mapping with a name and a path, e.g. "
+                                  "{name: zh, path: zh.jsonl, fields: [text]}")
+
+
+def tokenizer_verb(cfg: TokenizerConfig, opts: RunOptions) -> dict:
+    heldout = {str(h["name"]): read_items(EvalFiles.from_dict(h))[:cfg.heldout_items] for h in cfg.heldout}
+    with start_run("data tokenizer", cfg, opts) as run:
+        trained, folders = {}, {}
+        for kind in cfg.kinds:
+            texts = iter_texts(cfg.input, cfg.max_docs)
+            trained[kind] = train_tokenizer(texts, kind, cfg.vocab_size, cfg.special_tokens, cfg.min_frequency)
+            folders[kind] = run.artifact(f"tokenizer-{kind}")
+            trained[kind].save_pretrained(folders[kind])
+            run.log_metrics(kind=kind, vocab=len(trained[kind]))
+        table, numbers = compression_table(trained, heldout) if heldout else ("", {})
+        summary = run.finish({"tokenizers": {k: str(v) for k, v in folders.items()},
+                              "vocab": {k: len(t) for k, t in trained.items()}, "bytes_per_token": numbers})
+    if table:
+        print(table)
+    for kind, folder in folders.items():
+        print(f"{kind}: {len(trained[kind])} tokens -> {folder}")
+    return summary
+
+
+__all__ = ["KINDS", "iter_texts", "train_tokenizer", "bytes_per_token", "compression_table",
+           "TokenizerConfig", "tokenizer_verb"]
