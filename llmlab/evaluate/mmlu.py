@@ -1,0 +1,256 @@
+"""MMLU, CMMLU and C-Eval: k-shot multiple choice over many subjects, as lm-eval 0.4 asks them.
+
+Hendrycks et al., "Measuring Massive Multitask Language Understanding", https://arxiv.org/abs/2009.03300
+Li et al., "CMMLU: Measuring massive multitask language understanding in Chinese", https://arxiv.org/abs/2306.09212
+Huang et al., "C-Eval: A Multi-Level Multi-Discipline Chinese Evaluation Suite", https://arxiv.org/abs/2305.08322
+
+One question's prompt (lm-eval's task YAMLs, word for word; the Chinese exams end in "答案："):
+
+    The following are multiple choice questions (with answers) about {subject}.\\n\\n
+    {dev question i}\\nA. …\\nB. …\\nC. …\\nD. …\\nAnswer: {its letter}\\n\\n        for the first k of dev
+    {question}\\nA. …\\nB. …\\nC. …\\nD. …\\nAnswer:
+
+scored over the continuations " A" … " D" (so acc_norm equals acc). When the questions come from
+the few-shot split itself (CMMLU here has only dev), a question is left out of its own examples, as
+lm-eval does. A category's and the overall accuracy are over questions, as lm-eval's groups weight
+them (`weight_by_size`); `subject_mean` is the plain mean over subjects. Subjects, names and
+categories live in exams.yaml.
+"""
+
+import csv
+import time
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from llmlab.atomic import atomic_write_jsonl
+from llmlab.config import field
+from llmlab.data.text import read_text
+from llmlab.errors import LlmlabError, closest
+from llmlab.evaluate.multiple_choice import STRATEGIES, Item, accuracy, evaluate_items
+from llmlab.runs import RunOptions, start_run
+
+LETTERS = ["A", "B", "C", "D"]
+COLUMNS = ["question", "a", "b", "c", "d", "answer"]
+
+
+@cache
+def exams() -> dict:
+    return yaml.safe_load(resources.files("llmlab.evaluate").joinpath("exams.yaml").read_text(encoding="utf-8"))
+
+
+@dataclass
+class Row:
+    question: str
+    options: list[str]
+    answer: str  # A, B, C or D
+
+
+# ---- reading the files ----
+
+def read_csv(path: str | Path, header: bool) -> list[Row]:
+    """Questions of one subject file; errors name the file and the CSV row (row 1 is the file's first)."""
+    path = Path(path)
+    records = list(csv.reader(read_text(path).splitlines(keepends=True)))
+    where = dict(zip(COLUMNS, range(6)))
+    if header:
+        names = [n.strip().lower() for n in records[0]]
+        missing = [c.upper() if len(c) == 1 else c for c in COLUMNS if c not in names]
+        if missing:
+            raise LlmlabError(f"{path} row 1: the header lacks {', '.join(missing)}; expected the columns "
+                              "question, A, B, C, D, answer (a split without answers cannot be scored)")
+        where = {c: names.index(c) for c in COLUMNS}
+    rows = []
+    for number, record in enumerate(records[1:] if header else records, start=2 if header else 1):
+        if not any(cell.strip() for cell in record):
+            continue
+        if len(record) <= max(where.values()):
+            raise LlmlabError(f"{path} row {number}: {len(record)} columns, expected question, A, B, C, D, answer")
+        answer = record[where["answer"]].strip()
+        if answer not in LETTERS:
+            raise LlmlabError(f"{path} row {number}: the answer '{answer}' is not one of A, B, C, D")
+        rows.append(Row(record[where["question"]], [record[where[c]] for c in "abcd"], answer))
+    if not rows:
+        raise LlmlabError(f"{path} holds no questions; each subject file needs at least one row")
+    return rows
+
+
+def load_subject(exam: str, data: str, subject: str, split: str) -> list[Row]:
+    """A subject's questions from a local folder in the exam's layout, or else from the hub id `data`."""
+    spec = exams()[exam]
+    folder = Path(data).expanduser()
+    if folder.is_dir():
+        path = folder / spec["files"].format(split=split, subject=subject)
+        if not path.is_file():
+            found = [s for s in spec["splits"] if (folder / s).is_dir()]
+            hint = f"; {folder} has the splits {', '.join(found)}: pick one with --split" if split not in found else ""
+            raise LlmlabError(f"{exam} file not found: {path}{hint}")
+        return read_csv(path, spec["header"])
+    if Path(data).suffix or data.startswith((".", "/", "~")):
+        raise LlmlabError(f"data folder not found: {data}")
+    return _hub_rows(data, subject, spec.get("hub_splits", {}).get(split, split))
+
+
+def _hub_rows(hub_id: str, subject: str, split: str) -> list[Row]:
+    from datasets import load_dataset
+
+    try:
+        table = load_dataset(hub_id, subject, split=split)
+    except Exception as e:  # datasets raises many types for a missing id, split or network
+        raise LlmlabError(f"could not load {hub_id} ({subject}, {split}) from the hub: "
+                          f"{str(e).strip().splitlines()[0][:200]}; pass a local folder with --data") from None
+    rows = []
+    for r in table:
+        r = {k.lower(): v for k, v in r.items()}
+        options = list(r["choices"]) if "choices" in r else [r[c] for c in "abcd"]
+        answer = LETTERS[r["answer"]] if isinstance(r["answer"], int) else str(r["answer"]).strip()
+        rows.append(Row(r["question"], [str(o) for o in options], answer))
+    return rows
+
+
+# ---- prompts ----
+
+def question_text(exam: str, row: Row) -> str:
+    options = "".join(f"\n{letter}. {text}" for letter, text in zip(LETTERS, row.options))
+    return f"{row.question.strip()}{options}\n{exams()[exam]['answer']}"
+
+
+def subject_items(exam: str, subject: str, rows: list[Row], shots: list[Row], k: int,
+                  same_split: bool = False) -> list[Item]:
+    """The k-shot items of one subject: description, the first k shots (never the question itself)."""
+    spec = exams()[exam]
+    description = spec["description"].format(name=spec["subjects"][subject][0])
+    items = []
+    for i, row in enumerate(rows):
+        pool = [s for j, s in enumerate(shots) if not (same_split and j == i)]
+        if k > len(pool):
+            raise LlmlabError(f"{exam} {subject}: {k}-shot needs {k} solved examples but the few-shot split has "
+                              f"{len(pool)}{' besides the question asked' if same_split else ''}; "
+                              f"use --num-fewshot {len(pool)}")
+        examples = "".join(f"{question_text(exam, s)} {s.answer}\n\n" for s in pool[:k])
+        items.append(Item(description + examples + question_text(exam, row), list(LETTERS),
+                          LETTERS.index(row.answer), subject))
+    return items
+
+
+# ---- the evaluation ----
+
+def evaluate_exam(model, tokenizer, exam: str, data: str, *, split: str, subjects: list[str] | None = None,
+                  num_fewshot: int = 5, limit: int | None = None, batch_size: int = 16,
+                  strategy: str = "packed", progress: bool = True) -> dict:
+    """Accuracy per subject, per category and overall; `records` holds every question's scores."""
+    names = check_subjects(exam, subjects)
+    items = []
+    for subject in names:
+        rows = load_subject(exam, data, subject, split)[:limit]
+        shots = load_subject(exam, data, subject, "dev") if num_fewshot else []
+        items += subject_items(exam, subject, rows, shots, num_fewshot, same_split=split == "dev")
+    start = time.perf_counter()
+    records = evaluate_items(model, tokenizer, items, batch_size=batch_size, strategy=strategy, progress=progress)
+    seconds = time.perf_counter() - start
+    return {**summarize(exam, records), "seconds": round(seconds, 3),
+            "items_per_s": round(len(records) / seconds, 2), "records": records}
+
+
+def check_subjects(exam: str, subjects: list[str] | None) -> list[str]:
+    known = exams()[exam]["subjects"]
+    for s in subjects or []:
+        if s not in known:
+            raise LlmlabError(f"unknown {exam} subject '{s}'{closest(s, known)}; the subjects are listed in "
+                              "llmlab/evaluate/exams.yaml")
+    return list(subjects) if subjects else sorted(known)
+
+
+def summarize(exam: str, records: list[dict]) -> dict:
+    spec = exams()[exam]
+    by_subject = {}
+    for r in records:
+        by_subject.setdefault(r["subject"], []).append(r)
+    categories = {c: accuracy([r for s, rs in by_subject.items() if c in spec["subjects"][s][1:] for r in rs])
+                  for c in spec["categories"]}
+    subjects = {s: accuracy(rs) for s, rs in sorted(by_subject.items())}
+    return {**accuracy(records), "subject_mean": sum(s["acc"] for s in subjects.values()) / max(len(subjects), 1),
+            "categories": {c: a for c, a in categories.items() if a["n"]}, "subjects": subjects}
+
+
+# ---- the `llmlab eval mmlu | cmmlu | ceval` verbs ----
+
+@dataclass
+class MMLUConfig:
+    model: str = field("smollm2-135m", help="model spec: built-in name, folder, .gguf, run folder or hub id")
+    adapter: list[str] = field([], help="adapters to load onto the model, PATH or NAME=PATH; the first is active")
+    data: str = field("cais/mmlu", help="folder in MMLU's layout (dev/, val/, test/ of <subject>_<split>.csv) "
+                                        "or hub id")
+    split: str = field("test", help="the split to score: dev, val or test")
+    subjects: list[str] = field([], help="subjects to score, comma-separated (default: all)")
+    num_fewshot: int = field(5, help="solved examples from dev before each question")
+    limit: int | None = field(None, help="score only the first N questions of each subject (as lm-eval's --limit)")
+    batch_size: int = field(16, help="questions per forward pass")
+    strategy: str = field("packed", help="packed: shared prefix cache + packed choices; full: one row per choice")
+    dtype: str = field("fp32", help="fp32, bf16 or fp16")
+    device: str = field("cpu", help="cpu, cuda or auto")
+
+    exam = "mmlu"
+
+    def __post_init__(self):
+        splits = exams()[self.exam]["splits"]
+        if self.split not in splits:
+            raise LlmlabError(f"--split must be one of {', '.join(splits)}, got '{self.split}'")
+        if self.num_fewshot < 0:
+            raise LlmlabError(f"--num-fewshot must be 0 or more, got {self.num_fewshot}")
+        for key in ("limit", "batch_size"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise LlmlabError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
+        if self.strategy not in STRATEGIES:
+            raise LlmlabError(f"--strategy must be one of {', '.join(STRATEGIES)}, got '{self.strategy}'")
+        check_subjects(self.exam, self.subjects)
+
+
+@dataclass
+class CMMLUConfig(MMLUConfig):
+    data: str = field("haonan-li/cmmlu", help="folder in CMMLU's layout (dev/, test/ of <subject>.csv) or hub id")
+    split: str = field("test", help="the split to score: dev or test")
+
+    exam = "cmmlu"
+
+
+@dataclass
+class CEvalConfig(MMLUConfig):
+    data: str = field("ceval/ceval-exam", help="folder in C-Eval's layout (dev/, val/ of <subject>_<split>.csv) "
+                                               "or hub id")
+    split: str = field("val", help="the split to score: dev or val (C-Eval's test has no answers)")
+
+    exam = "ceval"
+
+
+def exam_verb(cfg: MMLUConfig, opts: RunOptions) -> dict:
+    from llmlab.models import load_model
+
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    if cfg.adapter:
+        from llmlab.peft.io import load_adapters  # only runs that evaluate adapters need the peft package
+
+        load_adapters(model, cfg.adapter)
+    with start_run(f"eval {cfg.exam}", cfg, opts) as run:
+        result = evaluate_exam(model, tokenizer, cfg.exam, cfg.data, split=cfg.split, subjects=cfg.subjects,
+                               num_fewshot=cfg.num_fewshot, limit=cfg.limit, batch_size=cfg.batch_size,
+                               strategy=cfg.strategy)
+        atomic_write_jsonl(run.artifact("predictions.jsonl"), result.pop("records"))
+        run.log_metrics(**{k: v for k, v in result.items() if k not in ("categories", "subjects")})
+        summary = run.finish({"model": cfg.model, "adapter": cfg.adapter, "exam": cfg.exam, "data": cfg.data,
+                              "split": cfg.split, "num_fewshot": cfg.num_fewshot, **result})
+    print_table(result, cfg.exam)
+    print(f"{cfg.exam} {cfg.num_fewshot}-shot: acc {result['acc']:.2%} over {result['n']} questions, "
+          f"subject mean {result['subject_mean']:.2%}, {result['items_per_s']:.1f} questions/s -> {summary['path']}")
+    return summary
+
+
+def print_table(result: dict, exam: str):
+    rows = list(result["subjects"].items()) if len(result["subjects"]) <= 12 else []
+    rows += [(f"[{c}]", a) for c, a in result["categories"].items()]
+    width = max([len(name) for name, _ in rows] + [8])
+    for name, a in rows:
+        print(f"  {name:<{width}}  acc {a['acc']:6.1%}  acc_norm {a['acc_norm']:6.1%}  n {a['n']}")
