@@ -30,14 +30,46 @@ STAGES = {
              "interactive chat with streamed replies (/reset, /exit)"),
     "data tasks": ("llmlab.data.tasks", "tasks_verb", "TasksConfig", [],
                    "synthetic instructions with exact answers: train.jsonl and heldout.jsonl"),
+    "data run": ("llmlab.data.pipeline", "run_pipeline", "PipelineConfig", ["config"],
+                 "run a data pipeline YAML: read, filter, de-duplicate, redact, write shards"),
+    "data tokenizer": ("llmlab.data.tokenizer_train", "tokenizer_verb", "TokenizerConfig", [],
+                       "train BPE, WordPiece or Unigram tokenizers; bytes per token on held-out text"),
+    "data pack": ("llmlab.data.shards", "pack_verb", "PackConfig", [],
+                  "tokenize documents into memory-mapped uint16/uint32 token shards with a manifest"),
     "finetune": ("llmlab.finetune.sft", "finetune", "FinetuneConfig", [],
                  "supervised fine-tuning on instruction or chat data: LoRA and friends, or full"),
     "merge": ("llmlab.finetune.merge", "merge_verb", "MergeConfig", [],
               "merge a trained adapter into its base model and save the result"),
+    "quantize": ("llmlab.compress.quantize", "quantize_verb", "QuantizeConfig", [],
+                 "quantize a model (rtn, gptq, awq, smoothquant, llm_int8, zeroquant, nf4) and save it packed"),
+    "prune": ("llmlab.compress.prune", "prune_verb", "PruneConfig", [],
+              "prune a model: magnitude, wanda, sparsegpt (unstructured or N:M), llm_pruner (structured)"),
+    "decompose": ("llmlab.compress.lowrank", "decompose_verb", "DecomposeConfig", [],
+                  "low-rank factorization of linear layers: truncated SVD, ASVD or SVD-LLM"),
+    "distill": ("llmlab.distill.distill", "distill_verb", "DistillConfig", [],
+                "knowledge distillation into a smaller student: kd, seqkd, gkd, minillm, cot (or the ce baseline)"),
+    "qat": ("llmlab.compress.qat", "qat_verb", "QATConfig", [],
+            "quantization-aware training: fake-quant with STE, distilled from the float model (LLM-QAT)"),
+    "export gguf": ("llmlab.compress.gguf_export", "export_verb", "ExportConfig", [],
+                    "write a llama-architecture model as a GGUF file (f32, f16, q8_0, q4_0) with its tokenizer"),
     "eval ppl": ("llmlab.evaluate.perplexity", "perplexity_verb", "PerplexityConfig", [],
                  "perplexity of a model on a text file (GPTQ protocol or sliding window)"),
     "eval em": ("llmlab.evaluate.exact_match", "exact_match_verb", "ExactMatchConfig", [],
                 "exact-match accuracy of greedy answers to alpaca rows (optionally with an adapter)"),
+    "eval mmlu": ("llmlab.evaluate.mmlu", "exam_verb", "MMLUConfig", [],
+                  "MMLU: 5-shot multiple choice, accuracy per subject, category and overall (as lm-eval)"),
+    "eval cmmlu": ("llmlab.evaluate.mmlu", "exam_verb", "CMMLUConfig", [],
+                   "CMMLU: Chinese 5-shot multiple choice, per subject, category and overall (as lm-eval)"),
+    "eval ceval": ("llmlab.evaluate.mmlu", "exam_verb", "CEvalConfig", [],
+                   "C-Eval: Chinese 5-shot multiple choice on val, per subject, category and overall"),
+    "eval arc": ("llmlab.evaluate.arc", "arc_verb", "ArcConfig", [],
+                 "ARC-Easy and ARC-Challenge: acc and acc_norm by log-likelihood (as lm-eval)"),
+    "eval gsm8k": ("llmlab.evaluate.gsm8k", "gsm8k_verb", "GSM8KConfig", [],
+                   "GSM8K: 8-shot chain-of-thought generation, exact match on the final number"),
+    "arena": ("llmlab.evaluate.arena", "arena_verb", "ArenaConfig", [],
+              "pairwise battles between models' answers, judged by a model or a person, as Elo ratings"),
+    "report": ("llmlab.evaluate.report", "report_verb", "ReportConfig", ["runs*"],
+               "compare runs: a table of quality, size and speed, plots, Markdown and a self-contained HTML page"),
     "runs list": ("llmlab.runs", "runs_list", "RunsListConfig", [],
                   "list the runs in the registry"),
     "runs show": ("llmlab.runs", "runs_show", "RunsShowConfig", ["name"],
@@ -79,6 +111,8 @@ def _run(argv: list[str]) -> int:
     from llmlab.runs import RunOptions
 
     common, overrides, loose = _parse(rest, cfg_cls)
+    if positionals == ["config"] and loose and "config" not in common:  # `llmlab data run pipeline.yaml`
+        common["config"], positionals = loose.pop(0), []
     if common.pop("help", False):
         print(_verb_help(verb, cfg_cls, positionals))
         return 0
@@ -156,11 +190,11 @@ def _positionals(loose: list[str], names: list[str], verb: str) -> dict:
         if loose:
             raise LlmlabError(f"unexpected argument '{loose[0]}' for `llmlab {verb}`; options take the form --key value")
         return {}
-    if names[-1].endswith("s"):  # a plural last name takes all remaining words
+    if names[-1].endswith(("s", "*")):  # a plural last name takes all remaining words; "runs*": maybe none
         *single, many = names
-        if len(loose) < len(single) + 1:
+        if len(loose) < len(single) + (not many.endswith("*")):
             raise LlmlabError(f"`llmlab {verb}` needs {' '.join(n.upper() for n in names)}…")
-        return {**dict(zip(single, loose)), many: loose[len(single):]}
+        return {**dict(zip(single, loose)), many.rstrip("*"): loose[len(single):]}
     if len(loose) != len(names):
         raise LlmlabError(f"`llmlab {verb}` takes {' '.join(n.upper() for n in names)}; got {len(loose)} argument(s)")
     return dict(zip(names, loose))
@@ -176,7 +210,7 @@ def _usage() -> str:
 def _verb_help(verb: str, cfg_cls, positionals: list[str]) -> str:
     from llmlab.config import describe
 
-    rows = [r for r in describe(cfg_cls) if r[0][2:].replace("-", "_") not in positionals]
+    rows = [r for r in describe(cfg_cls) if r[0][2:].replace("-", "_") not in [p.rstrip("*") for p in positionals]]
     rows += [("--config", "", "YAML file of options"), ("--out", "runs/<verb>-<time>", "run folder"),
              ("--name", "", "run name in the registry"), ("--registry", "runs/registry.sqlite", "run registry"),
              ("--json", "false", "print the summary as JSON on the last line"),
@@ -184,7 +218,8 @@ def _verb_help(verb: str, cfg_cls, positionals: list[str]) -> str:
     width = max(len(r[0]) for r in rows) + 2
     lines = [f"  {opt:<{width}}{help_} [default: {default}]" if default else f"  {opt:<{width}}{help_}"
              for opt, default, help_ in rows]
-    args = " ".join(p.upper() + ("…" if p.endswith("s") else "") for p in positionals)
+    args = " ".join(f"[{p[:-1].upper()}…]" if p.endswith("*") else p.upper() + ("…" if p.endswith("s") else "")
+                    for p in positionals)
     more = cfg_cls.more_help() if hasattr(cfg_cls, "more_help") else ""  # e.g. each method's options
     return f"usage: llmlab {verb} {args} [options]\n\n{STAGES[verb][4]}\n\noptions:\n" + "\n".join(lines) + more
 
@@ -197,6 +232,8 @@ def _quiet_libraries(debug: bool):
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        for noisy in ("torchao", "torch.utils._pytree"):  # transformers imports torchao: absent CUDA kernels, deprecations
+            logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

@@ -113,6 +113,10 @@ def _load_folder(folder: Path, dtype: torch.dtype):
         from llmlab.compress.io import load_quantized
 
         return load_quantized(folder, dtype)
+    if (folder / "llmlab_lowrank.json").is_file():  # factored linears: rebuilt by llmlab.compress.lowrank
+        from llmlab.compress.lowrank import load_decomposed
+
+        return load_decomposed(folder, dtype)
     with _reading(f"model folder {folder}"):
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
