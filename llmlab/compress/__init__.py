@@ -36,18 +36,23 @@ METHODS: dict[str, MethodEntry] = {
 
 def get_method(name: str):
     """(config class, quantize function, needs_calib) of a method, importing only its file."""
-    if name not in METHODS:
-        raise LlmlabError(f"unknown quantization method '{name}'{closest(name, METHODS)}; "
-                          f"choose one of {', '.join(METHODS)}")
-    entry = METHODS[name]
+    entry = import_entry("quantization", name, METHODS)
+    return entry[0], entry[1], METHODS[name].needs_calib
+
+
+def import_entry(kind: str, name: str, table: dict) -> tuple:
+    """(config class, function) of table[name], importing only llmlab/compress/<module>.py."""
+    if name not in table:
+        raise LlmlabError(f"unknown {kind} method '{name}'{closest(name, table)}; choose one of {', '.join(table)}")
+    entry = table[name]
     try:
         module = importlib.import_module(f"llmlab.compress.{entry.module}")
     except ModuleNotFoundError as e:
         if e.name != f"llmlab.compress.{entry.module}":
             raise
-        raise LlmlabError(f"quantization method '{name}' is not available in this llmlab "
+        raise LlmlabError(f"{kind} method '{name}' is not available in this llmlab "
                           f"(no llmlab/compress/{entry.module}.py)") from None
-    return getattr(module, entry.config), getattr(module, entry.function), entry.needs_calib
+    return getattr(module, entry.config), getattr(module, entry.function)
 
 
 def quantize_model(model, method: str, calib=None, **options):
@@ -69,4 +74,4 @@ def load_quantized(folder, dtype="fp32"):
     return load(folder, dtype)
 
 
-__all__ = ["METHODS", "MethodEntry", "get_method", "quantize_model", "save_quantized", "load_quantized"]
+__all__ = ["METHODS", "MethodEntry", "get_method", "import_entry", "quantize_model", "save_quantized", "load_quantized"]

@@ -28,7 +28,6 @@ rank-k part in float beside the quantized layer, y = Ŵx + U_k(V_k x)  (`add_lor
 import dataclasses
 import json
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from tqdm.auto import tqdm
 from llmlab.atomic import atomic_dir, atomic_write_json
 from llmlab.compress.calibrate import (calibrate_layers, calibration_data, check_skip, layers_prefix, linears_of,
                                        observe, set_module, skipped)
+from llmlab.compress.gptq import one_thread  # LAPACK too: a 576² SVD takes 0.2 s on one thread, 10+ s on two busy ones
 from llmlab.config import field
 from llmlab.errors import LlmlabError
 from llmlab.models.layers import decoder_layers
@@ -98,20 +98,8 @@ def factorize(weight: Tensor, rank: int | None = None, energy: float | None = No
               scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(U (out, k), V (k, in)) with U·V ≈ W, from the SVD of W·scale: `scale` is None (plain SVD), a
     (in,) diagonal (ASVD's S) or an (in, in) lower-triangular factor (SVD-LLM's L); V absorbs scale⁻¹."""
-    with _one_thread():
+    with one_thread():
         return _factorize(weight, rank, energy, scale)
-
-
-@contextmanager
-def _one_thread():
-    """Run LAPACK on one thread: on this 2-core CPU torch's threaded SVD/eigh take 10+ s for a 576x576
-    matrix when another process is busy (threads wait on each other), 0.2 s on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _factorize(weight: Tensor, rank: int | None, energy: float | None, scale: Tensor | None):
@@ -160,7 +148,7 @@ def lowrank_linear(linear: nn.Linear, cfg: LowRankConfig, stats=None) -> LowRank
     elif cfg.method == "svd_llm":
         xtx = stats.xtx / stats.n
         xtx = xtx + cfg.damp * xtx.diagonal().mean() * torch.eye(len(xtx), dtype=xtx.dtype, device=xtx.device)
-        with _one_thread():
+        with one_thread():
             scale = torch.linalg.cholesky(xtx)  # (in, in), lower
     u, v = factorize(linear.weight, rank, cfg.energy, None if scale is None else scale.to(linear.weight.device))
     k, n_in, n_out = v.shape[0], linear.in_features, linear.out_features

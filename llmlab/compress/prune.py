@@ -19,13 +19,12 @@ From Python: `prune_model(model, "sparsegpt", calib_ids, pattern="2:4")`.
 """
 
 import dataclasses
-import importlib
 import logging
 import time
 from typing import Any, NamedTuple
 
 from llmlab.config import build, field
-from llmlab.errors import LlmlabError, closest
+from llmlab.errors import LlmlabError
 from llmlab.runs import RunOptions, start_run
 
 log = logging.getLogger("llmlab")
@@ -50,18 +49,9 @@ PRUNE_METHODS: dict[str, PruneEntry] = {
 
 def prune_method(name: str):
     """(config class, prune function, needs_calib) of a method, importing only its file."""
-    if name not in PRUNE_METHODS:
-        raise LlmlabError(f"unknown pruning method '{name}'{closest(name, PRUNE_METHODS)}; "
-                          f"choose one of {', '.join(PRUNE_METHODS)}")
-    entry = PRUNE_METHODS[name]
-    try:
-        module = importlib.import_module(f"llmlab.compress.{entry.module}")
-    except ModuleNotFoundError as e:
-        if e.name != f"llmlab.compress.{entry.module}":
-            raise
-        raise LlmlabError(f"pruning method '{name}' is not available in this llmlab "
-                          f"(no llmlab/compress/{entry.module}.py)") from None
-    return getattr(module, entry.config), getattr(module, entry.function), entry.needs_calib
+    from llmlab.compress import import_entry
+
+    return (*import_entry("pruning", name, PRUNE_METHODS), PRUNE_METHODS[name].needs_calib)
 
 
 @dataclasses.dataclass
