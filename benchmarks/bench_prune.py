@@ -1,12 +1,14 @@
 """Pruning quality on the built-in model: WikiText-2 perplexity, achieved sparsity, time, peak memory.
 
-    .venv/bin/python benchmarks/bench_prune.py [--rows dense,magnitude,wanda,sparsegpt] [--patterns 50%,2:4]
-        [--n-samples 32] [--seq-len 512] [--max-windows 4] [--per-layer FILE.json]
+    .venv/bin/python benchmarks/bench_prune.py [--rows dense,magnitude,wanda,sparsegpt[,sparsegpt-wanda]]
+        [--patterns 50%,2:4] [--n-samples 32] [--seq-len 512] [--max-windows 4] [--per-layer FILE.json]
 
 Rows: the dense model, then magnitude, Wanda and SparseGPT at 50% unstructured and at 2:4 (each
 with its default options: magnitude per output row, SparseGPT with damp 0.01 and mask blocks of
-128 columns), through `llmlab.compress.prune.prune_model`. Every linear inside the decoder layers is
-pruned (210 in smollm2-135m); embeddings and lm_head (tied) stay dense, as in the papers.
+128 columns), through `llmlab.compress.prune.prune_model`; the row sparsegpt-wanda prunes with
+Wanda's mask and SparseGPT's weight update (`--options.mask wanda`). Every linear inside the
+decoder layers is pruned (210 in smollm2-135m); embeddings and lm_head (tied) stay dense, as in
+the papers.
 
 Calibration text is never the evaluated text, as in bench_quantize.py: wiki.valid.raw is cut in
 two at the article heading nearest its middle; the data-aware methods calibrate on `--n-samples`
@@ -31,7 +33,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quantize import DATA, split_text  # noqa: E402 - the same halves of the same file
 
-METHODS = ["magnitude", "wanda", "sparsegpt"]
+METHODS = ["magnitude", "wanda", "sparsegpt", "sparsegpt-wanda"]
+# row name -> (method, options): "sparsegpt-wanda" is Wanda's mask with SparseGPT's weight update
+# (the Wanda paper's §5 ablation), which splits the gap between the two into mask and update
+VARIANTS = {"sparsegpt-wanda": ("sparsegpt", {"mask": "wanda"})}
 PATTERNS = {"50%": {"sparsity": 0.5}, "2:4": {"pattern": "2:4"}, "4:8": {"pattern": "4:8"}}
 
 
@@ -48,16 +53,17 @@ def run_row(method: str, pattern: str, args) -> dict:
     torch.set_num_threads(args.threads)
     calib_text, eval_text = split_text(DATA.read_text(encoding="utf-8"))
     model, tok = load_model("smollm2-135m")
+    name, (method, options) = method, VARIANTS.get(method, (method, {}))
     needs_calib = method != "dense" and prune_method(method)[2]
     calib = calibration_data(tok, calib_text, args.n_samples, args.seq_len) if needs_calib else None
     start = time.perf_counter()
     if method != "dense":
-        prune_model(model, method, calib, **PATTERNS[pattern])
+        prune_model(model, method, calib, **PATTERNS[pattern], **options)
     seconds = time.perf_counter() - start
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)
     report = sparsity_report(model)
     ppl = perplexity(model, tok, eval_text, seq_len=2048, max_windows=args.max_windows, progress=False)
-    return {"row": "dense" if method == "dense" else f"{method} {pattern}", "ppl": ppl["ppl"],
+    return {"row": "dense" if method == "dense" else f"{name} {pattern}", "ppl": ppl["ppl"],
             "windows": ppl["windows"], "tokens": ppl["tokens_scored"], "sparsity": report["overall"],
             "sparsity_min": report["min"], "sparsity_max": report["max"], "prune_s": seconds,
             "peak_rss_mb": peak_rss, "per_layer": report["per_layer"]}
@@ -65,7 +71,7 @@ def run_row(method: str, pattern: str, args) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="dense," + ",".join(METHODS), help="dense and/or methods, comma-separated")
+    parser.add_argument("--rows", default="dense," + ",".join(METHODS[:3]), help="dense and/or methods, comma-separated")
     parser.add_argument("--patterns", default="50%,2:4", help=f"comma-separated, of {', '.join(PATTERNS)}")
     parser.add_argument("--n-samples", type=int, default=32, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")

@@ -20,6 +20,10 @@ the OBS saliency
 dropping the lowest p% of the Bs-column block (one threshold over all rows), or for N:M the
 lowest M − N of every M columns of each row, chosen when the loop reaches the group (§3.4).
 `block_size` (the lazy batch) changes only speed; `mask_block` changes which weights are chosen.
+
+`mask: wanda` fixes the mask up front by Wanda's score |W_ij|·‖X_j‖₂ (per output row, or per N:M
+group) and keeps only SparseGPT's reconstruction of the surviving weights: the "Wanda + weight
+update" ablation of Sun et al. 2023 (§5), which tells a mask's quality from the update's.
 """
 
 from dataclasses import dataclass
@@ -29,9 +33,12 @@ from torch import Tensor
 
 from llmlab.compress.calibrate import calibrate_layers, check_skip, layers_prefix, observe
 from llmlab.compress.gptq import current_columns, inverse_cholesky, one_thread
-from llmlab.compress.sparsity import PruneSpec, check_model, layer_targets, matrix_mask, nm_mask, weight_of
+from llmlab.compress.sparsity import PruneSpec, check_model, layer_targets, mask_for, matrix_mask, nm_mask, weight_of
+from llmlab.compress.wanda import wanda_score
 from llmlab.config import field
 from llmlab.errors import LlmlabError
+
+MASKS = ("obs", "wanda")
 
 
 @dataclass
@@ -43,11 +50,15 @@ class SparseGPTConfig:
     mask_block: int = field(128, help="columns per adaptive mask selection (Bs of the paper); 0: one mask "
                                       "for the whole layer, chosen up front")
     block_size: int = field(128, help="columns per lazy-batch block (speed only: results do not depend on it)")
+    mask: str = field("obs", help="obs: the paper's adaptive OBS-saliency mask; wanda: Wanda's mask, "
+                                  "chosen up front, with SparseGPT's weight update")
     skip: list[str] = field([], help="regexes of full module names to leave dense")
     batch_size: int = field(8, help="calibration sequences per forward pass")
 
     def __post_init__(self):
         PruneSpec(self.sparsity, self.pattern)  # validates both
+        if self.mask not in MASKS:
+            raise LlmlabError(f"sparsegpt mask must be one of {', '.join(MASKS)}, got '{self.mask}'")
         if not 0 < self.damp <= 1:
             raise LlmlabError(f"sparsegpt damp must be in (0, 1], got {self.damp}; 0.01 is the usual value")
         for key in ("block_size", "batch_size"):
@@ -79,7 +90,9 @@ def prune_sparsegpt(model, calib: Tensor | None, cfg: SparseGPTConfig | None = N
         for name, module in targets.items():
             H = (2 / stats[name].n * stats[name].xtx).float()  # (in, in)
             W = weight_of(module)
-            W.copy_(sparsegpt(W, H, spec, cfg.damp, cfg.block_size, cfg.mask_block, f"{prefix}.{index}.{name}"))
+            # Σ_tokens x_j² is XᵀX's diagonal: Wanda's score needs no second pass
+            mask = mask_for(wanda_score(W, stats[name].xtx.diagonal()), spec) if cfg.mask == "wanda" else None
+            W.copy_(sparsegpt(W, H, spec, cfg.damp, cfg.block_size, cfg.mask_block, f"{prefix}.{index}.{name}", mask))
 
     calibrate_layers(model, calib, solve, batch_size=cfg.batch_size, desc=f"sparsegpt {spec.describe()}")
     return model
@@ -87,13 +100,16 @@ def prune_sparsegpt(model, calib: Tensor | None, cfg: SparseGPTConfig | None = N
 
 @torch.no_grad()
 def sparsegpt(W: Tensor, H: Tensor, spec: PruneSpec, damp: float = 0.01, block_size: int = 128,
-              mask_block: int = 128, name: str = "layer") -> Tensor:
-    """Prune W (out, in) given the Hessian H (in, in): the sparse, updated Ŵ, float32 (out, in)."""
+              mask_block: int = 128, name: str = "layer", mask: Tensor | None = None) -> Tensor:
+    """Prune W (out, in) given the Hessian H (in, in): the sparse, updated Ŵ, float32 (out, in).
+
+    `mask` (out, in), True where a weight survives, replaces the adaptive selection.
+    """
     with one_thread():
-        return _sparsegpt(W, H, spec, damp, block_size, mask_block, name)
+        return _sparsegpt(W, H, spec, damp, block_size, mask_block, name, mask)
 
 
-def _sparsegpt(W, H, spec, damp, block_size, mask_block, name):
+def _sparsegpt(W, H, spec, damp, block_size, mask_block, name, mask=None):
     W, H = W.detach().float().clone(), H.detach().float().clone()
     n_in = W.shape[1]
     dead = H.diagonal() == 0  # an input never active in calibration: its column is zeroed, as in GPTQ
@@ -102,13 +118,13 @@ def _sparsegpt(W, H, spec, damp, block_size, mask_block, name):
     U = inverse_cholesky(H, damp, name)  # (in, in) upper: U_jj² = [H_F⁻¹]_jj when the loop reaches j
     d2 = U.diagonal().square()  # (in,)
     step = spec.nm[1] if spec.pattern else (mask_block or n_in)  # columns per mask selection
-    keep = torch.ones_like(W, dtype=torch.bool)  # (out, in)
+    keep = torch.ones_like(W, dtype=torch.bool) if mask is None else mask.to(W.device)  # (out, in)
     for i1 in range(0, n_in, block_size):
         i2 = min(i1 + block_size, n_in)
         W1, Err1, U1 = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2]), U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
-            if j % step == 0:  # choose the next mask on the weights as updated so far
+            if mask is None and j % step == 0:  # choose the next mask on the weights as updated so far
                 saliency = current_columns(W, W1, Err1, U, i1, i, step).square() / d2[j:j + step]
                 keep[:, j:j + step] = (nm_mask(saliency, *spec.nm) if spec.pattern
                                        else matrix_mask(saliency, spec.ratio))

@@ -25,12 +25,12 @@ def hessian(X):
     return 2 / X.shape[0] * X.T @ X
 
 
-def plain_sparsegpt(W, H, sparsity, nm, damp, mask_block):
+def plain_sparsegpt(W, H, sparsity, nm, damp, mask_block, fixed=None):
     """Algorithm 1 of the paper from its definitions, in float64, one column at a time: the full
     inverse Hessian of the not-yet-visited columns F (no Cholesky, no lazy blocks), downdated by
     Gaussian elimination after each column; every `step` columns, the mask of the next `step`
     columns is chosen on the current weights by the OBS saliency w² / [H_{F_k}⁻¹]_kk, the inverse
-    Hessian entry column k will have when the loop reaches it."""
+    Hessian entry column k will have when the loop reaches it. `fixed`: a given mask instead."""
     W, H = W.double().clone(), H.double().clone()
     n_in = W.shape[1]
     dead = H.diagonal() == 0
@@ -40,9 +40,9 @@ def plain_sparsegpt(W, H, sparsity, nm, damp, mask_block):
     at_visit = torch.stack([torch.linalg.inv(H[k:, k:])[0, 0] for k in range(n_in)])  # [H_{F_k}⁻¹]_kk
     Hinv = torch.linalg.inv(H)
     step = nm[1] if nm else (mask_block or n_in)
-    keep = torch.ones(W.shape, dtype=torch.bool)
+    keep = torch.ones(W.shape, dtype=torch.bool) if fixed is None else fixed
     for j in range(n_in):
-        if j % step == 0:
+        if fixed is None and j % step == 0:
             saliency = W[:, j:j + step] ** 2 / at_visit[j:j + step]
             if nm:
                 idx = saliency.view(W.shape[0], -1, nm[1]).topk(nm[0], dim=-1).indices
@@ -94,6 +94,37 @@ def test_block_size_does_not_change_the_result():
         results = [sparsegpt(W, hessian(X), spec, block_size=b, mask_block=32) for b in (1, 7, 32, 128)]
         for r in results[1:]:
             assert (r - results[0]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("spec", [PruneSpec(0.5), PruneSpec(None, "2:4")])
+def test_a_given_wanda_mask_is_kept_and_the_update_only_lowers_the_error(spec):
+    X, W = low_rank_inputs(), torch.randn(32, 64, generator=torch.Generator().manual_seed(4))
+    X[:, 5] = 0  # a dead input: its column goes, whatever the mask says
+    keep = mask_for(wanda_score(W, X.square().sum(0)), spec)
+    w_hat = sparsegpt(W, hessian(X), spec, block_size=16, mask=keep)
+    ref = plain_sparsegpt(W, hessian(X), spec.ratio, None, 0.01, 0, fixed=keep.clone())
+    assert (w_hat - ref).abs().max() < 1e-4
+    keep[:, 5] = False
+    assert torch.equal(w_hat != 0, keep)
+    err = lambda w: torch.linalg.norm(X @ W.T - X @ w.T).item()  # noqa: E731
+    assert err(w_hat) < 0.8 * err(W * keep)
+
+
+def test_wanda_mask_option_prunes_the_first_layer_as_wanda_does(tiny_llama):
+    from llmlab.compress.calibrate import calibration_data
+    from llmlab.compress.wanda import WandaConfig, prune_wanda
+
+    tok = tiny_llama[1]
+    calib = calibration_data(tok, "The quick brown fox jumps over the lazy dog. " * 60, n_samples=4, seq_len=64)
+    wanda, updated = deepcopy(tiny_llama[0]), deepcopy(tiny_llama[0])
+    prune_wanda(wanda, calib, WandaConfig(pattern="2:4"))
+    prune_sparsegpt(updated, calib, SparseGPTConfig(pattern="2:4", mask="wanda"))
+    first = [(name, m.weight) for name, m in updated.model.layers[0].named_modules() if hasattr(m, "weight")
+             and m.weight.ndim == 2]
+    for name, w in first:  # the same inputs reach layer 0, so the same mask; the kept weights moved
+        w_wanda = wanda.model.layers[0].get_submodule(name).weight
+        assert torch.equal(w == 0, w_wanda == 0), name
+    assert any(not torch.equal(w, wanda.model.layers[0].get_submodule(n).weight) for n, w in first)
 
 
 def low_rank_inputs(n=1024, d=64, seed=2, noise=0.3):
@@ -148,6 +179,8 @@ def test_bad_input(tiny_llama):
         SparseGPTConfig(damp=0)
     with pytest.raises(LlmlabError, match="block_size must be a positive integer"):
         SparseGPTConfig(block_size=0)
+    with pytest.raises(LlmlabError, match="mask must be one of obs, wanda"):
+        SparseGPTConfig(mask="magnitude")
     with pytest.raises(LlmlabError, match="mask_block must be >= 0"):
         SparseGPTConfig(mask_block=-1)
     with pytest.raises(LlmlabError, match=r"sparsity must be in \[0, 1\), got 1.5"):
