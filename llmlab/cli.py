@@ -41,7 +41,7 @@ STAGES = {
     "merge": ("llmlab.finetune.merge", "merge_verb", "MergeConfig", [],
               "merge a trained adapter into its base model and save the result"),
     "quantize": ("llmlab.compress.quantize", "quantize_verb", "QuantizeConfig", [],
-                 "quantize a model (rtn, gptq, awq, smoothquant, llm_int8, zeroquant, nf4) and save it packed"),
+                 "quantize a model (rtn, gptq, awq, smoothquant, llm_int8, zeroquant, nf4; + LoRC) and save it packed"),
     "prune": ("llmlab.compress.prune", "prune_verb", "PruneConfig", [],
               "prune a model: magnitude, wanda, sparsegpt (unstructured or N:M), llm_pruner (structured)"),
     "decompose": ("llmlab.compress.lowrank", "decompose_verb", "DecomposeConfig", [],

@@ -1,16 +1,26 @@
-"""Save a quantized model as an HF folder with its packed weights, and load it back.
+"""Save a compressed model as an HF folder with its packed weights, and load it back.
 
 The folder is a normal transformers folder (config.json, generation_config.json, the tokenizer,
 model.safetensors) whose state dict holds each quantized layer's packed buffers (qweight,
-scales, zeros, …) in place of its float weight, plus `llmlab_quantization.json`:
+scales, zeros, …) in place of its float weight, plus `llmlab_quantization.json`, which lists
+every module that was swapped for another:
 
     {"format": 1, "method": "gptq", "modules": {"model.layers.0.self_attn.q_proj": {"kind": "weight_only",
                                                                                    "bits": 4, ...}, ...}}
 
-Loading builds the model with its parameters on the meta device (no float weights are ever
-allocated), swaps each listed module for `QUANTIZED[kind].empty(...)`, assigns the tensors of
-the file, and ties the embeddings again. `load_model(folder)` does this whenever the marker file
-is there, so every verb takes a quantized folder as its model.
+A kind is a quantized layer (`QUANTIZED` in qlinear.py) or a wrapper of lowrank.py that holds
+other linears, listed before the modules inside it, so that methods compose on disk too:
+
+    decompose → quantize   "…q_proj": {"kind": "lowrank", "rank": 16},   (and "lowrank": "svd" at the top)
+                           "…q_proj.v": {"kind": "weight_only", …}, "…q_proj.u": {"kind": "weight_only", …}
+    quantize → LoRC        "…q_proj": {"kind": "lorc", "rank": 8},
+                           "…q_proj.base_layer": {"kind": "weight_only", …}   (its float …q_proj.u/.v: plain tensors)
+
+A plain decomposed model is such a folder with "method": null. Loading builds the model with its
+parameters on the meta device (no float weights are ever allocated), swaps each listed module,
+outermost first, for `<kind's class>.empty(in, out, bias, **options)`, assigns the tensors of the
+file, and ties the embeddings again. `load_model(folder)` does this whenever the marker file is
+there, so every verb takes a compressed folder as its model.
 """
 
 import importlib
@@ -25,7 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from transformers.pytorch_utils import Conv1D
 
 from llmlab.atomic import atomic_dir, atomic_write_json
-from llmlab.compress.qlinear import QUANTIZED, quantized_linears
+from llmlab.compress.qlinear import QUANTIZED, QuantizedLinear, quantized_linears
 from llmlab.errors import LlmlabError, closest
 
 MARKER = "llmlab_quantization.json"
@@ -34,18 +44,36 @@ FORMAT = 1
 
 
 def save_quantized(model, tokenizer, out: str | Path, method: str | None = None) -> Path:
-    """Write the quantized model, its tokenizer and the marker file into `out`, atomically."""
+    """Write the compressed model, its tokenizer and the marker file into `out`, atomically."""
     out = Path(out)
-    modules = {name: {"kind": m.kind, **m.config()} for name, m in quantized_linears(model).items()}
-    method = method or getattr(model, "llmlab_quant_method", None) or "+".join(sorted({m["kind"] for m in modules.values()}))
+    modules = _swapped_modules(model)
+    kinds = sorted({m.kind for m in quantized_linears(model).values()})
+    method = method or getattr(model, "llmlab_quant_method", None) or "+".join(kinds) or None
+    marker = {"format": FORMAT, "method": method, "modules": modules}
+    if any(m["kind"] == "lowrank" for m in modules.values()):
+        marker["lowrank"] = getattr(model, "llmlab_lowrank", {}).get("method")
     with atomic_dir(out) as tmp:
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         save_file(_unique_tensors(model.state_dict()), tmp / WEIGHTS, metadata={"format": "pt"})
-        atomic_write_json(tmp / MARKER, {"format": FORMAT, "method": method, "modules": modules})
+        atomic_write_json(tmp / MARKER, marker)
     return out
+
+
+def _swapped_modules(model) -> dict:
+    """name -> {"kind", **options} of every quantized layer and wrapper; named_modules lists a wrapper
+    before the modules inside it."""
+    classes = (QuantizedLinear, *_wrappers().values())
+    return {name: {"kind": m.kind, **m.config()} for name, m in model.named_modules() if isinstance(m, classes)}
+
+
+def _wrappers() -> dict:
+    """The kinds that hold other linears: low-rank factors and LoRC corrections."""
+    from llmlab.compress.lowrank import LoRCLinear, LowRankLinear
+
+    return {cls.kind: cls for cls in (LowRankLinear, LoRCLinear)}
 
 
 def _unique_tensors(state: dict) -> dict:
@@ -67,14 +95,18 @@ def is_quantized_folder(folder: str | Path) -> bool:
 
 def load_quantized(folder: str | Path, dtype: str | torch.dtype = "fp32"):
     """(model, tokenizer) from a folder written by save_quantized; float tensors in `dtype`."""
+    return load_with_marker(Path(folder), _read_marker(Path(folder)), dtype)
+
+
+def load_with_marker(folder: Path, marker: dict, dtype: str | torch.dtype = "fp32"):
+    """(model, tokenizer) from the folder's config and tensors, with the modules `marker` lists swapped in."""
     from llmlab.models.load import resolve_dtype
 
-    folder, dtype = Path(folder), resolve_dtype(dtype)
-    marker = _read_marker(folder)
+    dtype = resolve_dtype(dtype)
     config = AutoConfig.from_pretrained(folder)
     with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) computed
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for name, options in marker["modules"].items():
+    for name, options in sorted(marker["modules"].items(), key=lambda item: item[0].count(".")):  # outermost first
         _swap_in(model, name, dict(options), folder)
     model.load_state_dict(_read_tensors(folder, model, dtype), strict=False, assign=True)
     model.tie_weights()
@@ -82,6 +114,9 @@ def load_quantized(folder: str | Path, dtype: str | torch.dtype = "fp32"):
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
     model.llmlab_quant_method = marker.get("method")
+    ranks = {name: m["rank"] for name, m in marker["modules"].items() if m.get("kind") == "lowrank"}
+    if ranks:
+        model.llmlab_lowrank = {"method": marker.get("lowrank"), "modules": ranks}
     return model.eval(), AutoTokenizer.from_pretrained(folder)
 
 
@@ -96,7 +131,7 @@ def _read_marker(folder: Path) -> dict:
 
 
 def _swap_in(model, name: str, options: dict, folder: Path):
-    """Replace the float module `name` (still on meta) by an empty quantized layer of its shape."""
+    """Replace the float module `name` (still on meta) by an empty quantized layer or wrapper of its shape."""
     kind = options.pop("kind", None)
     cls = _layer_class(kind, folder)
     try:
@@ -115,6 +150,9 @@ def _swap_in(model, name: str, options: dict, folder: Path):
 
 
 def _layer_class(kind, folder: Path):
+    wrappers = _wrappers()
+    if kind in wrappers:
+        return wrappers[kind]
     if kind not in QUANTIZED:  # the layer classes of other methods register when their files are imported
         from llmlab.compress import METHODS
 
@@ -125,29 +163,28 @@ def _layer_class(kind, folder: Path):
                 if e.name != f"llmlab.compress.{entry.module}":
                     raise
     if kind not in QUANTIZED:
-        raise LlmlabError(f"{folder / MARKER} uses quantized layer kind '{kind}', which this llmlab does not know"
-                          f"{closest(str(kind), QUANTIZED)}; known kinds: {', '.join(QUANTIZED)}")
+        known = [*QUANTIZED, *wrappers]
+        raise LlmlabError(f"{folder / MARKER} uses module kind '{kind}', which this llmlab does not know"
+                          f"{closest(str(kind), known)}; known kinds: {', '.join(known)}")
     return QUANTIZED[kind]
 
 
 def _read_tensors(folder: Path, model, dtype: torch.dtype) -> dict:
-    """Every tensor the model expects, from the file: a missing or mis-shaped one is named."""
-    expected = model.state_dict()
-    tied = {name for name, t in expected.items() if t.device.type == "meta" and _is_tied(model, name)}
-    tensors = {}
-    with safe_open(folder / WEIGHTS, framework="pt") as f:
-        present = set(f.keys())
-        for name, want in expected.items():
-            if name not in present:
-                if name in tied or want.device.type != "meta":  # tied copies and computed buffers need no data
-                    continue
-                raise LlmlabError(f"{folder / WEIGHTS} has no tensor '{name}'{_what(name)}; the file is incomplete: "
-                                  "save the model again")
-            t = f.get_tensor(name)
-            if tuple(t.shape) != tuple(want.shape):
-                raise LlmlabError(f"{folder / WEIGHTS}: tensor '{name}' has shape {tuple(t.shape)}, the model "
-                                  f"needs {tuple(want.shape)}; the file does not match its config")
-            tensors[name] = t.to(dtype) if t.is_floating_point() else t
+    """Every tensor the model expects, from the folder's safetensors files (one, or the shards of an
+    older decomposed folder): a missing or mis-shaped one is named."""
+    expected, tensors = model.state_dict(), {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, framework="pt") as f:
+            for name in [n for n in f.keys() if n in expected]:
+                t = f.get_tensor(name)
+                if tuple(t.shape) != tuple(expected[name].shape):
+                    raise LlmlabError(f"{shard}: tensor '{name}' has shape {tuple(t.shape)}, the model "
+                                      f"needs {tuple(expected[name].shape)}; the file does not match its config")
+                tensors[name] = t.to(dtype) if t.is_floating_point() else t
+    for name, want in expected.items():  # tied copies and computed buffers (not on meta) need no data
+        if name not in tensors and want.device.type == "meta" and not _is_tied(model, name):
+            raise LlmlabError(f"{folder / WEIGHTS} has no tensor '{name}'{_what(name)}; the file is incomplete: "
+                              "save the model again")
     return tensors
 
 

@@ -22,7 +22,12 @@ so `llmlab quantize` and the pruners find and compress the factors like any othe
 
 LoRC (Yao et al. 2023, "ZeroQuant-V2", https://arxiv.org/abs/2303.08302, §5; used with FP formats in
 ZeroQuant-FP): after quantizing W to Ŵ, the error E = W − Ŵ is small but structured; keep its
-rank-k part in float beside the quantized layer, y = Ŵx + U_k(V_k x)  (`add_lorc`).
+rank-k part in float beside the quantized layer, y = Ŵx + U_k(V_k x)  (`add_lorc`, and
+`llmlab quantize --lorc-rank k`).
+
+Both wrappers are saved in io.py's folder (kinds "lowrank" and "lorc" in its list of swapped
+modules, each before the quantized layers inside it), so decompose → quantize and quantize → LoRC
+models reload with `load_model(folder)`; folders with the older `llmlab_lowrank.json` still load.
 """
 
 import dataclasses
@@ -35,7 +40,6 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from llmlab.atomic import atomic_dir, atomic_write_json
 from llmlab.compress.calibrate import (calibrate_layers, calibration_data, check_skip, layers_prefix, linears_of,
                                        observe, set_module, skipped)
 from llmlab.compress.gptq import one_thread  # LAPACK too: a 576² SVD takes 0.2 s on one thread, 10+ s on two busy ones
@@ -44,7 +48,7 @@ from llmlab.errors import LlmlabError
 from llmlab.models.layers import decoder_layers
 
 LOWRANK_METHODS = ("svd", "asvd", "svd_llm")
-MARKER = "llmlab_lowrank.json"
+MARKER = "llmlab_lowrank.json"  # the marker of decomposed folders written before io.py knew low-rank layers
 
 
 @dataclass
@@ -83,12 +87,20 @@ class LowRankConfig:
 
 class LowRankLinear(nn.Module):
     """y = u(v(x)): W ≈ U·V with V (rank, in) and U (out, rank); the bias stays on `u`."""
+    kind = "lowrank"  # its entry in io.py's list of swapped modules
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.v = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.u = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    def config(self) -> dict:
+        return {"rank": self.rank}
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bias: bool, rank: int) -> "LowRankLinear":
+        return cls(in_features, out_features, rank, bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.u(self.v(x))
@@ -201,77 +213,96 @@ def decompose(model, calib: Tensor | None = None, cfg: LowRankConfig | None = No
 def add_lorc(quantized, reference, rank: int):
     """LoRC: beside each quantized linear of `quantized`, a rank-`rank` float correction U_k V_k of its error
     E = W − Ŵ against the same-named float linear of `reference` (the model before quantization)."""
-    from llmlab.compress.qlinear import quantized_linears
+    for name, (q, w) in _lorc_targets(quantized, reference, rank).items():
+        error = w.float() - q.dequantized_weight().to(w.device)  # (out, in)
+        u, v = factorize(error, min(rank, min(error.shape)))
+        layer = LoRCLinear(q, u.shape[1], w.device, w.dtype)
+        layer.u.weight.copy_(u)
+        layer.v.weight.copy_(v)
+        set_module(quantized, name, layer)
+    return quantized
+
+
+def _lorc_targets(quantized, reference, rank: int) -> dict:
+    """name -> (quantized layer, reference weight (out, in)); LlmlabError, nothing changed, where LoRC cannot apply."""
+    from transformers.pytorch_utils import Conv1D
+
+    from llmlab.compress.qlinear import QuantizedLinear, quantized_linears
 
     if rank < 1:
         raise LlmlabError(f"LoRC rank must be at least 1, got {rank}")
-    floats = dict(reference.named_modules())
-    for name, q in quantized_linears(quantized).items():
-        if name not in floats or not hasattr(floats[name], "weight"):
-            raise LlmlabError(f"LoRC: the reference model has no float layer '{name}'; pass the model before quantizing")
+    if any(isinstance(m, LoRCLinear) for m in quantized.modules()):
+        raise LlmlabError("the model already has LoRC corrections; add them to the plain quantized model")
+    layers, floats, targets = quantized_linears(quantized), dict(reference.named_modules()), {}
+    if not layers:
+        raise LlmlabError("LoRC corrects quantized layers and this model has none; quantize it first")
+    for name, q in layers.items():
+        if type(q).dequantized_weight is QuantizedLinear.dequantized_weight:
+            raise LlmlabError(f"LoRC needs the dequantized weight of {name}, which layers of kind '{q.kind}' "
+                              "do not give")
+        if not hasattr(floats.get(name), "weight"):
+            raise LlmlabError(f"LoRC: the reference model has no float layer '{name}'; pass the model before "
+                              "quantizing")
         w = floats[name].weight
-        error = w.float() - q.dequantized_weight().to(w.device)  # (out, in)
-        u, v = factorize(error, min(rank, min(error.shape)))
-        set_module(quantized, name, LoRCLinear(q, u, v))
-    return quantized
+        targets[name] = (q, w.T if isinstance(floats[name], Conv1D) else w)  # GPT-2 stores (in, out)
+    _check_not_rescaled(quantized, reference, layers)
+    return targets
+
+
+def _check_not_rescaled(quantized, reference, layers: dict):
+    """AWQ and SmoothQuant fold scales into the norms before quantizing, so their Ŵ approximates a rescaled W
+    and W − Ŵ against the reference is not the quantization error: every other tensor must be unchanged."""
+    ref, inside = reference.state_dict(), tuple(f"{name}." for name in layers)
+    for name, t in quantized.state_dict().items():
+        if name in ref and not name.startswith(inside) and not torch.equal(t, ref[name]):
+            raise LlmlabError(f"LoRC: {name} differs from the reference model's (the quantizer rescaled the "
+                              "float weights, as awq and smoothquant do); use LoRC with rtn, gptq, zeroquant, "
+                              "llm_int8 or nf4")
 
 
 class LoRCLinear(nn.Module):
     """y = Ŵx + U(Vx): a quantized layer plus the low-rank part of its quantization error."""
+    kind = "lorc"  # its entry in io.py's list of swapped modules, before `<name>.base_layer`
 
-    def __init__(self, base_layer: nn.Module, u: Tensor, v: Tensor):
+    def __init__(self, base_layer: nn.Module, rank: int, device=None, dtype=None):
         super().__init__()
-        self.base_layer = base_layer
-        self.v = nn.Linear(v.shape[1], v.shape[0], bias=False, device=v.device, dtype=v.dtype)
-        self.u = nn.Linear(u.shape[1], u.shape[0], bias=False, device=u.device, dtype=u.dtype)
-        self.v.weight.data.copy_(v)
-        self.u.weight.data.copy_(u)
+        self.base_layer, self.rank = base_layer, rank
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.v = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
+        self.u = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
+
+    def config(self) -> dict:
+        return {"rank": self.rank}
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bias: bool, rank: int) -> "LoRCLinear":
+        # A float stand-in of the base layer's shape: the entry `<name>.base_layer` swaps in the quantized one.
+        return cls(nn.Linear(in_features, out_features, bias=bias), rank)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.base_layer(x) + self.u(self.v(x.to(self.v.weight.dtype))).to(x.dtype)
 
 
 def save_decomposed(model, tokenizer, out: str | Path) -> Path:
-    """A transformers folder (config, tokenizer, safetensors with the factors) plus llmlab_lowrank.json."""
-    out = Path(out)
-    modules = {name: {"rank": m.rank, "in": m.in_features, "out": m.out_features}
-               for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / MARKER, {"format": 1, "method": getattr(model, "llmlab_lowrank", {}).get("method"),
-                                         "modules": modules})
-    return out
+    """io.py's folder (config, tokenizer, safetensors with the factors, the marker listing each LowRankLinear)."""
+    from llmlab.compress.io import save_quantized
+
+    return save_quantized(model, tokenizer, out)
 
 
 def load_decomposed(folder: str | Path, dtype: str | torch.dtype = "fp32"):
-    """(model, tokenizer) from a folder of save_decomposed: the listed linears rebuilt as LowRankLinear."""
-    from accelerate import init_empty_weights
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) from a decomposed folder: io.py's, or one with the older llmlab_lowrank.json."""
+    from llmlab.compress import io
 
-    from llmlab.models.load import resolve_dtype
-
-    folder, dtype = Path(folder), resolve_dtype(dtype)
-    try:
-        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
-        modules = marker["modules"]
-    except (OSError, ValueError, KeyError) as e:
+    folder = Path(folder)
+    if io.is_quantized_folder(folder):
+        return io.load_quantized(folder, dtype)
+    try:  # {"format": 1, "method": "svd", "modules": {name: {"rank": k, "in": n, "out": m}}}
+        old = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+        modules = {name: {"kind": "lowrank", "rank": int(m["rank"])} for name, m in old["modules"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise LlmlabError(f"{folder / MARKER} is not a readable llmlab low-rank file ({e}); decompose again") from None
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
-    for name, m in modules.items():
-        old = model.get_submodule(name)
-        set_module(model, name, LowRankLinear(m["in"], m["out"], m["rank"], old.bias is not None, "meta"))
-    state = {k: t.to(dtype) if t.is_floating_point() else t
-             for f in sorted(folder.glob("*.safetensors")) for k, t in load_file(f).items()}
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
-    if missing:
-        raise LlmlabError(f"{folder} has no tensor '{missing[0]}'; the folder is incomplete: decompose again")
-    model.llmlab_lowrank = {"method": marker.get("method"), "modules": {k: v["rank"] for k, v in modules.items()}}
-    return model.eval(), AutoTokenizer.from_pretrained(folder)
+    return io.load_with_marker(folder, {"method": None, "lowrank": old.get("method"), "modules": modules}, dtype)
 
 
 @dataclasses.dataclass

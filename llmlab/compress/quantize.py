@@ -2,17 +2,21 @@
 
     llmlab quantize --model smollm2-135m --method gptq --bits 4 --group-size 64 --calib FILE --out runs/w4
     llmlab eval ppl --model runs/w4 --data FILE          # every verb loads the quantized folder
+    llmlab quantize --model runs/lr90 --bits 4 --group-size 0 --out runs/lr90-w4    # a decomposed folder's factors
+    llmlab quantize --bits 4 --group-size 64 --lorc-rank 8 --out runs/w4-lorc8      # + LoRC (lowrank.py)
 
 The method is a name in the METHODS table of `llmlab/compress/__init__.py`; --bits, --group-size
 and --symmetric reach the methods that have them, and `--options.KEY VALUE` any other option of
 the method's config (see `llmlab quantize --help`). Methods that read data get `--n-samples`
 windows of `--seq-len` tokens of the `--calib` text. The run folder holds the quantized model in
 `model/` (which `load_model(<run folder>)` finds), and the registry the size on disk, the time
-taken and the peak resident memory.
+taken and the peak resident memory. `--lorc-rank k` then adds LoRC (ZeroQuant-V2): beside each
+quantized layer, the rank-k part of its error against the float model, kept in float.
 
 From Python: `quantize_model(model, "gptq", calib_ids, bits=4, group_size=64)`.
 """
 
+import copy
 import dataclasses
 import logging
 import time
@@ -21,6 +25,7 @@ from typing import Any
 
 from llmlab.compress import METHODS, get_method
 from llmlab.compress.io import save_quantized
+from llmlab.compress.lowrank import add_lorc
 from llmlab.compress.qlinear import quantized_linears
 from llmlab.compress.rtn import rtn_targets
 from llmlab.config import build, field
@@ -46,6 +51,8 @@ class QuantizeConfig:
     seq_len: int = field(512, help="tokens per calibration window")
     seed: int = field(0, help="seed that picks the calibration windows")
     options: dict[str, Any] = field({}, help="the method's other options, e.g. --options.damp 0.1")
+    lorc_rank: int | None = field(None, help="after quantizing, add LoRC: each layer's rank-k float correction "
+                                             "of its quantization error")
     dtype: str = field("fp32", help="dtype the model is loaded and quantized in: fp32, bf16 or fp16")
     device: str = field("cpu", help="cpu, cuda or auto")
 
@@ -72,6 +79,8 @@ class QuantizeConfig:
                               "(not the text you will evaluate on)")
         if self.n_samples < 1 or self.seq_len < 2:
             raise LlmlabError(f"--n-samples must be >= 1 and --seq-len >= 2, got {self.n_samples} and {self.seq_len}")
+        if self.lorc_rank is not None and self.lorc_rank < 1:
+            raise LlmlabError(f"--lorc-rank must be at least 1, got {self.lorc_rank}")
         self.method_config()  # fail on a bad option before loading anything
 
     def method_config(self):
@@ -134,16 +143,21 @@ def quantize_verb(cfg: QuantizeConfig, opts: RunOptions) -> dict:
     with start_run("quantize", cfg, opts) as run:
         with memory_stats(next(model.parameters()).device) as memory:
             start = time.perf_counter()
+            reference = copy.deepcopy(model) if cfg.lorc_rank else None  # LoRC's W, beside the quantized Ŵ
             quantize(model, calib, method_cfg)
+            if reference is not None:
+                add_lorc(model, reference, cfg.lorc_rank)
+                del reference
             seconds = time.perf_counter() - start
         saved = save_quantized(model, tokenizer, run.artifact("model"), method=cfg.method)
-        result = {"model": cfg.model, "method": cfg.method, **_grid(method_cfg),
+        result = {"model": cfg.model, "method": cfg.method, **_grid(method_cfg), "lorc_rank": cfg.lorc_rank,
                   "quantized_layers": len(quantized_linears(model)), "float_bytes": float_bytes,
                   "model_bytes": state_bytes(model), "size_on_disk_bytes": folder_bytes(saved),
                   "seconds": round(seconds, 2), **memory, "saved": str(saved)}
         run.log_metrics(**result)
         summary = run.finish(result)
-    print(f"quantized {cfg.model} with {cfg.method} ({_describe(method_cfg)}) in {seconds:.1f} s: "
+    lorc = f" + LoRC rank {cfg.lorc_rank}" if cfg.lorc_rank else ""
+    print(f"quantized {cfg.model} with {cfg.method} ({_describe(method_cfg)}){lorc} in {seconds:.1f} s: "
           f"{result['quantized_layers']} layers, weights {float_bytes / 2**20:.1f} MiB -> "
           f"{result['model_bytes'] / 2**20:.1f} MiB, peak RSS {memory['peak_rss_mb']:.0f} MiB -> {saved}")
     return summary

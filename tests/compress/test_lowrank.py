@@ -1,12 +1,18 @@
 import copy
+import json
 
 import pytest
 import torch
 from torch import nn
 
+from llmlab.compress import quantize_model
 from llmlab.compress.calibrate import observe
-from llmlab.compress.lowrank import (DecomposeConfig, LowRankConfig, LowRankLinear, add_lorc, decompose,
-                                     decompose_verb, factorize, load_decomposed, lowrank_linear, save_decomposed)
+from llmlab.compress.io import MARKER as QUANT_MARKER
+from llmlab.compress.io import save_quantized
+from llmlab.compress.lowrank import (MARKER, DecomposeConfig, LoRCLinear, LowRankConfig, LowRankLinear, add_lorc,
+                                     decompose, decompose_verb, factorize, load_decomposed, lowrank_linear,
+                                     save_decomposed)
+from llmlab.compress.qlinear import QuantizedLinear, quantized_linears
 from llmlab.errors import LlmlabError
 from llmlab.models import load_model
 
@@ -117,9 +123,6 @@ def test_calibrated_methods_on_a_tiny_model(method):
 
 
 def test_decomposed_factors_quantize_like_any_linear():
-    from llmlab.compress import quantize_model
-    from llmlab.compress.qlinear import quantized_linears
-
     model, _ = load_model("tiny-llama")
     decompose(model, None, LowRankConfig(param_ratio=0.5))
     ref = model(X).logits
@@ -130,9 +133,6 @@ def test_decomposed_factors_quantize_like_any_linear():
 
 
 def test_lorc_at_full_rank_restores_the_float_model_and_shrinks_each_error():
-    from llmlab.compress import quantize_model
-    from llmlab.compress.lowrank import LoRCLinear
-
     float_model, _ = load_model("tiny-llama")
     ref = float_model(X).logits
     full = add_lorc(quantize_model(copy.deepcopy(float_model), "rtn", None, bits=3, group_size=32), float_model, 64)
@@ -146,6 +146,97 @@ def test_lorc_at_full_rank_restores_the_float_model_and_shrinks_each_error():
         before = (floats[name].weight - w_hat).norm()
         after = (floats[name].weight - w_hat - m.u.weight @ m.v.weight).norm()
         assert after < before  # the best rank-4 part of E removed (Eckart–Young)
+
+
+def test_lorc_reduces_the_output_error_of_the_quantized_model():
+    float_model, _ = load_model("tiny-llama")
+    with torch.no_grad():
+        ref = float_model(X).logits
+        plain = quantize_model(copy.deepcopy(float_model), "rtn", None, bits=3, group_size=32)
+        error = (plain(X).logits - ref).norm()
+        corrected = add_lorc(plain, float_model, 8)
+        assert (corrected(X).logits - ref).norm() < 0.95 * error  # random weights: E has no dominant directions
+
+
+def _compressed(name="tiny-llama", rank=None, method="rtn", lorc=None):
+    """A tiny model, decomposed at `rank`, quantized W4 g16 by `method`, then LoRC at rank `lorc` (optional steps)."""
+    model, tok = load_model(name)
+    if rank:
+        decompose(model, None, LowRankConfig(rank=rank))
+    reference = copy.deepcopy(model)
+    quantize_model(model, method, CALIB if method == "gptq" else None, bits=4, group_size=16)
+    return (add_lorc(model, reference, lorc) if lorc else model), tok
+
+
+Q, C = "model.layers.0.self_attn.q_proj", "transformer.h.0.attn.c_attn"
+
+
+@pytest.mark.parametrize("steps, kinds", [
+    ({"rank": 16}, {Q: "lowrank", f"{Q}.u": "weight_only", f"{Q}.v": "weight_only"}),
+    ({"rank": 16, "method": "gptq"}, {Q: "lowrank", f"{Q}.u": "weight_only", f"{Q}.v": "weight_only"}),
+    ({"lorc": 4}, {Q: "lorc", f"{Q}.base_layer": "weight_only"}),
+    ({"lorc": 4, "name": "tiny-gpt2"}, {C: "lorc", f"{C}.base_layer": "weight_only"}),  # Conv1D: W stored (in, out)
+    ({"rank": 16, "lorc": 4}, {Q: "lowrank", f"{Q}.u": "lorc", f"{Q}.u.base_layer": "weight_only"}),
+], ids=["svd+rtn", "svd+gptq", "rtn+lorc", "gpt2-rtn+lorc", "svd+rtn+lorc"])
+def test_composed_models_reload_with_identical_logits(tmp_path, steps, kinds):
+    model, tok = _compressed(**steps)
+    with torch.no_grad():
+        before = model(X).logits
+    save_quantized(model, tok, tmp_path / "m")
+    loaded, _ = load_model(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(loaded(X).logits, before)
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in model.modules()]
+    modules = json.loads((tmp_path / "m" / QUANT_MARKER).read_text())["modules"]
+    assert {name: modules[name]["kind"] for name in kinds} == kinds
+
+
+def test_a_plain_decomposed_folder_and_one_of_the_older_format_load(tmp_path):
+    model, tok = load_model("tiny-llama")
+    decompose(model, None, LowRankConfig(rank=16))
+    with torch.no_grad():
+        before = model(X).logits
+    marker = json.loads((save_decomposed(model, tok, tmp_path / "new") / QUANT_MARKER).read_text())
+    assert marker["method"] is None and marker["lowrank"] == "svd"
+    assert marker["modules"]["model.layers.0.self_attn.q_proj"] == {"kind": "lowrank", "rank": 16}
+    model.save_pretrained(tmp_path / "old")  # what save_decomposed wrote before
+    tok.save_pretrained(tmp_path / "old")
+    (tmp_path / "old" / MARKER).write_text(json.dumps({"format": 1, "method": "svd", "modules": {
+        name: {"rank": m.rank, "in": m.in_features, "out": m.out_features}
+        for name, m in model.named_modules() if isinstance(m, LowRankLinear)}}))
+    for folder in ("new", "old"):
+        loaded, _ = load_model(tmp_path / folder)
+        with torch.no_grad():
+            assert torch.equal(loaded(X).logits, before)
+        assert loaded.llmlab_lowrank["method"] == "svd" and len(loaded.llmlab_lowrank["modules"]) == 14
+
+
+class _NoDequantize(QuantizedLinear):
+    kind = "opaque"
+
+    def config(self):
+        return {}
+
+
+def test_lorc_refuses_what_it_cannot_correct():
+    float_model, _ = load_model("tiny-llama")
+    quantized = quantize_model(copy.deepcopy(float_model), "rtn", None, bits=4, group_size=32)
+    with pytest.raises(LlmlabError, match="LoRC rank must be at least 1, got 0"):
+        add_lorc(quantized, float_model, 0)
+    with pytest.raises(LlmlabError, match="has none; quantize it first"):
+        add_lorc(copy.deepcopy(float_model), float_model, 4)
+    rescaled = copy.deepcopy(quantized)
+    rescaled.model.layers[1].post_attention_layernorm.weight.data *= 2  # as AWQ/SmoothQuant fold their scales
+    with pytest.raises(LlmlabError, match="post_attention_layernorm.weight differs from the reference"):
+        add_lorc(rescaled, float_model, 4)
+    opaque = copy.deepcopy(quantized)
+    opaque.model.layers[0].mlp.up_proj = _NoDequantize(64, 256, False)
+    with pytest.raises(LlmlabError, match="dequantized weight of model.layers.0.mlp.up_proj.*kind 'opaque'"):
+        add_lorc(opaque, float_model, 4)
+    add_lorc(quantized, float_model, 4)
+    with pytest.raises(LlmlabError, match="already has LoRC"):
+        add_lorc(quantized, float_model, 4)
+    assert not any(isinstance(m, LoRCLinear) for m in rescaled.modules())  # nothing changed where refused
 
 
 def test_decompose_verb_writes_a_run(tmp_path):

@@ -61,6 +61,7 @@ def test_calibrated_method_through_the_verb(capsys, tmp_path):
     (["--bits", "4", "--options.bits", "3"], "--bits 4 and --options.bits 3 disagree"),
     (["--method", "llm_int8", "--bits", "4"], "--bits does not apply to --method llm_int8"),
     (["--method", "gptq", "--calib", "short.txt", "--n-samples", "64"], "calibration text has"),
+    (["--lorc-rank", "0"], "--lorc-rank must be at least 1, got 0"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, argv, message):
     (tmp_path / "short.txt").write_text("too short")
@@ -74,6 +75,27 @@ def test_quantizing_a_quantized_folder_is_refused(capsys):
     capsys.readouterr()
     assert main(["quantize", "--model", "A", "--bits", "4", "--group-size", "32", "--out", "B"]) == 2
     assert "model.layers.0.self_attn.q_proj is already quantized (weight_only" in _error(capsys)
+
+
+def test_lorc_and_a_decomposed_folder_through_the_verb(capsys, tmp_path):
+    from llmlab.compress.lowrank import LoRCLinear, LowRankLinear
+
+    assert main(["quantize", "--model", "tiny-llama", "--bits", "4", "--group-size", "32", "--lorc-rank", "4",
+                 "--out", "L", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["lorc_rank"] == 4 and summary["quantized_layers"] == 14
+    model, _ = load_model("L")
+    assert sum(isinstance(m, LoRCLinear) for m in model.modules()) == 14
+
+    assert main(["decompose", "--model", "tiny-llama", "--rank", "16", "--out", "D"]) == 0
+    assert main(["quantize", "--model", "D", "--bits", "4", "--group-size", "16", "--out", "Q", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["quantized_layers"] == 28  # u and v
+    model, _ = load_model("Q")
+    assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == 14 and len(quantized_linears(model)) == 28
+    (tmp_path / "t.txt").write_text(TEXT)
+    assert main(["eval", "ppl", "--model", "Q", "--data", "t.txt", "--seq-len", "64", "--max-windows", "1",
+                 "--json"]) == 0
+    assert 1 < json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"] < 1000
 
 
 def test_help_lists_each_methods_options(capsys):
