@@ -1,16 +1,21 @@
 """Structured pruning (LLM-Pruner) and low-rank decomposition (SVD, ASVD) on the built-in model.
 
     flock /tmp/llmlab-heavy.lock .venv/bin/python benchmarks/bench_structured.py --part prune
+    flock /tmp/llmlab-heavy.lock .venv/bin/python benchmarks/bench_structured.py --part layers --ratios 0.2
     flock /tmp/llmlab-heavy.lock .venv/bin/python benchmarks/bench_structured.py --part lowrank
     flock /tmp/llmlab-heavy.lock .venv/bin/python benchmarks/bench_structured.py --part baselines
 
-prune: the dense model, LLM-Pruner at 20% and 50% of the parameters removed (Taylor importance on
-`--calib-samples` windows of `--calib-len` tokens), each also after a short LoRA recovery: the
-fine-tuning stage (`llmlab.finetune`, LoRA r=8 on every linear, `--lora-steps` steps of 4 rows of
-256 tokens of calibration-half text), merged back (`llmlab merge`) into a plain model.
+prune: the dense model, LLM-Pruner at `--ratios` (20% and 50%) of the parameters removed (Taylor
+importance on `--calib-samples` windows of `--calib-len` tokens; `--skip-first/--skip-last/--importance`
+as LLMPrunerConfig, else its defaults), each also after a short LoRA recovery: the fine-tuning
+stage (`llmlab.finetune`, LoRA r=8 on every linear, `--lora-steps` steps of 4 rows of 256 tokens of
+calibration-half text), merged back (`llmlab merge`) into a model without adapters.
+layers: at each ratio, every layer pruned alike (skip 0 and 0, a plain LLaMA) against the default
+dense first and last layers (an llmlab_llama), the latter with Taylor and with LoRAPrune importance;
+each with the same recovery.
 lowrank: plain SVD against ASVD (α = 0.5, `--calib-samples` x 512 calibration tokens) and SVD-LLM
 (whitened) at two parameter ratios per decomposed layer.
-baselines: the 20% cut with Taylor, magnitude (Σ|w|) and random importance, no recovery.
+baselines: the 20% cut with Taylor, LoRAPrune, magnitude (Σ|w|) and random importance, no recovery.
 
 Protocol as bench_quantize.py: wiki.valid.raw (../shared/data) is cut at the article heading nearest
 its middle; everything calibrates and trains on the first half, perplexity is scored on the second
@@ -22,6 +27,7 @@ after one warm-up, all the threads torch takes on this machine.
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -95,35 +101,77 @@ def part_prune(calib_text, eval_text, work: Path, args) -> list[dict]:
     dense = save_model(model, tok, work / "dense")
     rows = [measure("dense", model, tok, dense, eval_text, args)]
     calib = calibration_data(tok, calib_text, args.calib_samples, args.calib_len)
-    for ratio in (0.2, 0.5):
-        model, tok = load_model(args.model)
-        start = time.perf_counter()
-        prune_llm_pruner(model, calib, LLMPrunerConfig(ratio=ratio))
-        seconds = time.perf_counter() - start
-        c = model.config
-        shape = f"{c.num_attention_heads}h/{c.num_key_value_heads}kv, ffn {c.intermediate_size}"
-        folder = save_model(model, tok, work / f"p{int(ratio * 100)}")
-        model, tok = load_model(str(folder))  # measured as a user gets it: a plain transformers folder
-        rows.append(measure(f"llm_pruner {ratio:.0%}", model, tok, folder, eval_text, args,
-                            {"shape": shape, "seconds": seconds}))
-        del model
+    for ratio in args.ratios:
+        rows += prune_and_recover(f"llm_pruner {ratio:.0%}", pruner_config(args, ratio=ratio), calib, calib_text,
+                                  eval_text, work, args)
+    return rows
+
+
+def part_layers(calib_text, eval_text, work: Path, args) -> list[dict]:
+    """The cut with every layer pruned alike (the old default) against the paper's dense first and last
+    layers (the new default) with Taylor and with LoRAPrune importance, each also after LoRA recovery."""
+    model, tok = load_model(args.model)
+    rows = [measure("dense", model, tok, save_model(model, tok, work / "dense"), eval_text, args)]
+    calib = calibration_data(tok, calib_text, args.calib_samples, args.calib_len)
+    variants = {"all layers alike": {"skip_first": 0, "skip_last": 0}, "first/last dense": {},
+                "first/last dense, lora importance": {"importance": "lora"}}
+    for ratio in args.ratios:
+        for name, options in variants.items():
+            cfg = pruner_config(args, ratio=ratio, **options)
+            rows += prune_and_recover(f"llm_pruner {ratio:.0%}, {name}", cfg, calib, calib_text, eval_text, work, args)
+    return rows
+
+
+def pruner_config(args, **options) -> LLMPrunerConfig:
+    """The LLM-Pruner options given on the command line (layers kept dense, importance)."""
+    given = {"skip_first": args.skip_first, "skip_last": args.skip_last, "importance": args.importance}
+    return LLMPrunerConfig(**{**{k: v for k, v in given.items() if v is not None}, **options})
+
+
+def prune_and_recover(name, cfg, calib, calib_text, eval_text, work: Path, args) -> list[dict]:
+    """Rows for the pruned model as saved and, unless --lora-steps 0, after LoRA recovery."""
+    model, tok = load_model(args.model)
+    start = time.perf_counter()
+    prune_llm_pruner(model, calib, cfg)
+    seconds = time.perf_counter() - start
+    shape = describe(model.config)
+    folder = save_model(model, tok, work / re.sub(r"\W+", "-", name))
+    model, tok = load_model(str(folder))  # measured as a user gets it: a saved transformers folder
+    rows = [measure(name, model, tok, folder, eval_text, args, {"shape": shape, "seconds": seconds})]
+    del model
+    if args.lora_steps:
         start = time.perf_counter()
         merged = lora_recovery(folder, calib_text, work, args)
         seconds = time.perf_counter() - start
         model, tok = load_model(str(merged))
-        rows.append(measure(f"llm_pruner {ratio:.0%} + LoRA", model, tok, merged, eval_text, args,
+        rows.append(measure(f"{name} + LoRA", model, tok, merged, eval_text, args,
                             {"shape": shape, "seconds": seconds}))
     return rows
 
 
+def describe(config) -> str:
+    """Heads, KV heads and FFN channels of the layers, grouped where they agree: "4 x 9h/3kv ffn 1536, ..."."""
+    layers = getattr(config, "layer_intermediate_sizes", None)
+    if layers is None:
+        return f"{config.num_attention_heads}h/{config.num_key_value_heads}kv, ffn {config.intermediate_size}"
+    sizes = list(zip(config.layer_num_attention_heads, config.layer_num_key_value_heads, layers))
+    runs = []  # (count, sizes) of consecutive equal layers
+    for size in sizes:
+        if runs and runs[-1][1] == size:
+            runs[-1][0] += 1
+        else:
+            runs.append([1, size])
+    return ", ".join(f"{n} x {h}h/{kv}kv ffn {f}" for n, (h, kv, f) in runs)
+
+
 def part_baselines(calib_text, eval_text, work: Path, args) -> list[dict]:
-    """Is the Taylor score worth its gradients? The same 20% cut ranked by |w| and at random."""
+    """Is the Taylor score worth its gradients? The same 20% cut ranked by LoRAPrune's estimate, by |w|, at random."""
     model, tok = load_model(args.model)
     rows = [measure("dense", model, tok, save_model(model, tok, work / "dense"), eval_text, args)]
     calib = calibration_data(tok, calib_text, args.calib_samples, args.calib_len)
-    for importance in ("taylor", "magnitude", "random"):
+    for importance in ("taylor", "lora", "magnitude", "random"):
         model, tok = load_model(args.model)
-        prune_llm_pruner(model, calib, LLMPrunerConfig(ratio=0.2, importance=importance))
+        prune_llm_pruner(model, calib, pruner_config(args, ratio=0.2, importance=importance))
         folder = save_model(model, tok, work / importance)
         rows.append(measure(f"llm_pruner 20% {importance}", model, tok, folder, eval_text, args))
     return rows
@@ -158,19 +206,25 @@ def table(rows: list[dict]) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["prune", "lowrank", "baselines"], required=True)
+    parser.add_argument("--part", choices=["prune", "layers", "lowrank", "baselines"], required=True)
     parser.add_argument("--model", default="smollm2-135m", help="tiny-llama for a smoke run")
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per perplexity window")
     parser.add_argument("--max-windows", type=int, default=4, help="2048-token windows of the second half scored")
     parser.add_argument("--calib-samples", type=int, default=16, help="calibration windows")
     parser.add_argument("--calib-len", type=int, default=256, help="tokens per LLM-Pruner calibration window")
-    parser.add_argument("--lora-steps", type=int, default=40, help="LoRA recovery steps (4 rows of 256 tokens)")
+    parser.add_argument("--lora-steps", type=int, default=40, help="LoRA recovery steps (4 rows of 256 tokens); "
+                                                                    "0: no recovery rows")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5], help="LLM-Pruner ratios (prune, layers)")
+    parser.add_argument("--skip-first", type=int, help="LLM-Pruner layers kept dense at the start (default: its own)")
+    parser.add_argument("--skip-last", type=int, help="LLM-Pruner layers kept dense at the end (default: its own)")
+    parser.add_argument("--importance", choices=["taylor", "lora"], help="LLM-Pruner importance (prune part)")
     parser.add_argument("--param-ratios", type=float, nargs="+", default=[0.9, 0.7])
     parser.add_argument("--lowrank-methods", nargs="+", default=["svd", "asvd", "svd_llm"])
     args = parser.parse_args()
     calib_text, eval_text = split_text(DATA.read_text(encoding="utf-8"))
     with tempfile.TemporaryDirectory() as tmp:
-        run = {"prune": part_prune, "lowrank": part_lowrank, "baselines": part_baselines}[args.part]
+        run = {"prune": part_prune, "layers": part_layers, "lowrank": part_lowrank,
+               "baselines": part_baselines}[args.part]
         rows = run(calib_text, eval_text, Path(tmp), args)
     print(f"\n{args.model}, WikiText-2 valid: calibration/training on the first half, ppl on {rows[0]['windows']} "
           f"x {args.seq_len} tokens of the second half; torch {torch.__version__}, {torch.get_num_threads()} threads\n")

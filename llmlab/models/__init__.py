@@ -1,5 +1,6 @@
 """Every model is a transformers causal LM with its tokenizer; these find, load and save them."""
 
+from llmlab.models import llmlab_llama  # noqa: F401  (registers model_type "llmlab_llama" with the Auto classes)
 from llmlab.models.builtin import BUILTIN_NAME
 from llmlab.models.layers import decoder_layers
 from llmlab.models.load import context_length, load_model, model_names, resolve_device, resolve_dtype, save_model
