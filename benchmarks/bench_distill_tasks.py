@@ -1,6 +1,6 @@
 """Distillation on the synthetic tasks: the same warm-started student, data and step budget, one loss per row.
 
-    .venv/bin/python benchmarks/bench_distill_tasks.py [--rows teacher,warm,ce,kd,gkd,minillm,seqkd,cot]
+    .venv/bin/python benchmarks/bench_distill_tasks.py [--rows teacher,warm,ce,kd,kd+ce,gkd,minillm,seqkd,cot]
         [--train-per-kind 100] [--heldout-per-kind 40] [--layers 20] [--work /tmp/distill-tasks]
 
 The protocol of MiniLLM and GKD (both papers distil into a student that was first fine-tuned on
@@ -12,9 +12,10 @@ upper, reverse, first, last), whose answers are checked exactly:
 2. warm:    the teacher with its decoder layers cut to `--layers`, evenly spaced
    (`llmlab.distill.student`), trained one epoch on the training items with hard labels.
 3. rows:    from that same warm student, one more epoch (the same steps, lr, batches) with each loss:
-   ce (hard labels: the baseline), kd (forward KL, τ 1, α 1), gkd (JSD 0.5, λ 0.5), minillm
-   (reverse KL by policy gradient, α_mix 0.2, + LM loss), seqkd (the teacher's greedy answers), cot
-   (the teacher's rationales + answers, distilling step-by-step; asked with "[label] " at test time).
+   ce (hard labels: the baseline), kd (forward KL, τ 1, α 1), kd+ce (τ 2, α 0.5: Hinton's mix),
+   gkd (JSD 0.5, λ 0.5), minillm (reverse KL by policy gradient, α_mix 0.2, + LM loss), seqkd
+   (the teacher's greedy answers), cot (the teacher's rationales + answers, distilling
+   step-by-step; asked with "[label] " at test time).
 
 Each model is scored on the held-out items (disjoint from training by construction): greedy exact
 match, in bf16, and the perplexity of the gold answers given the prompts (teacher-forced). Every
@@ -36,6 +37,7 @@ ROLLOUT = {"prompt_len": 32, "max_new_tokens": 24}
 ROWS = {  # row -> (method, options)
     "ce": ("ce", {}),
     "kd": ("kd", {"temperature": 1.0, "alpha": 1.0}),
+    "kd+ce": ("kd", {"temperature": 2.0, "alpha": 0.5}),
     "gkd": ("gkd", {"beta": 0.5, "lmbda": 0.5, **ROLLOUT}),
     "minillm": ("minillm", {"mix_alpha": 0.2, "lm_weight": 1.0, **ROLLOUT}),
     "seqkd": ("seqkd", {**ROLLOUT, "temperature": 0.0}),
@@ -142,7 +144,7 @@ def worker(row: str, args) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default="teacher,warm," + ",".join(ROWS))
+    parser.add_argument("--rows", default="teacher,warm," + ",".join(ROWS), help="rows to run, in order")
     parser.add_argument("--train-per-kind", type=int, default=100)
     parser.add_argument("--heldout-per-kind", type=int, default=40)
     parser.add_argument("--layers", type=int, default=20, help="decoder layers the student keeps")
