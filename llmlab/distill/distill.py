@@ -1,4 +1,4 @@
-"""`llmlab distill`: train a smaller student to imitate a teacher, with one of five losses.
+"""`llmlab distill`: train a smaller student to imitate a teacher, with one of six losses.
 
 Every method is a loss (or a rewrite of the training data) plugged into the one training loop,
 `llmlab.train.fit`:
@@ -16,6 +16,10 @@ fresh small config, always with the teacher's vocabulary. Training data: a plain
 (.txt/.raw: windows of `max_len` tokens, every token a target) or instruction/chat rows in any
 format of `llmlab finetune` (targets: the replies). The run folder gets the student in `model/`
 and, with `--eval-text`, the teacher's and the student's perplexity on that text.
+
+The on-policy methods (gkd, minillm) learn from the student's own samples, which are noise until
+the student can do the task: as in both papers, first train it on hard labels, then distil from
+there (`llmlab distill --method ce … --out runs/warm`, then `--student.source runs/warm/model`).
 """
 
 import dataclasses
