@@ -26,11 +26,12 @@ loses the same number of parameters: its query heads are cut at the layer's own 
 number in each KV group, so GQA stays valid), rounded to whole heads with at least one kept, and
 its FFN channels then chosen to land nearest; *which* heads and channels is decided per layer by
 importance. Embeddings and norms are not pruned (the hidden size couples every layer) but count
-in `ratio`, the fraction of all parameters removed, as in the paper's tables. When every layer is pruned alike (skip_first = skip_last = 0, or a
-2-layer test model) the config is the model's own LlamaConfig / Qwen2Config (backward compatible);
-otherwise, or when the head count no longer divides hidden_size (which LlamaConfig refuses), it is
-`llmlab_llama` (llmlab/models/llmlab_llama.py), a LLaMA with per-layer sizes that `load_model`
-and, after `import llmlab.models`, AutoModelForCausalLM load.
+in `ratio`, the fraction of all parameters removed, as in the paper's tables. When every layer is
+pruned alike (skip_first = skip_last = 0, or a 2-layer test model) the config is the model's own
+LlamaConfig / Qwen2Config (backward compatible); otherwise, or when the head count no longer
+divides hidden_size (which LlamaConfig refuses), it is `llmlab_llama` (llmlab/models/llmlab_llama.py),
+a LLaMA with per-layer sizes that `load_model` and, after `import llmlab.models`,
+AutoModelForCausalLM load.
 
 LoRAPrune importance (`importance="lora"`). Zhang et al. 2023, "LoRAPrune: Structured Pruning Meets
 Low-Rank Parameter-Efficient Fine-Tuning", https://arxiv.org/abs/2305.18403. The full weight

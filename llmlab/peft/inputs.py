@@ -105,7 +105,7 @@ class InputAdapters(Adapters):
             # drops them for prompt tuning, which positions a left-padded row as if its pads were tokens;
             # shifting keeps a padded row equal to the row alone, and equals peft whenever there is no padding.
             kwargs["position_ids"] = positions + n
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get(cache_key(kwargs))
         if cache is None or cache.get_seq_length() == 0:
             self.feed(model, kwargs, self.prompts(names))
         return (), kwargs
@@ -170,6 +170,12 @@ class InputAdapters(Adapters):
             return
         trainable = any(p.requires_grad for p in adapter.parameters())
         self.adapters[name] = SoftPrompt(adapter.cfg, derived(adapter)).requires_grad_(trainable)
+
+
+def cache_key(kwargs: dict) -> str:
+    """The keyword the caller passes the KV cache by: transformers' generate says `cache` from 5.25 on
+    (and ignores `past_key_values` beside it), older versions and llmlab's decoder `past_key_values`."""
+    return "cache" if kwargs.get("cache") is not None else "past_key_values"
 
 
 def derived(adapter: nn.Module) -> torch.Tensor:

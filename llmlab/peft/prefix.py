@@ -24,7 +24,7 @@ from transformers import DynamicCache
 from llmlab.config import field
 from llmlab.errors import LlmlabError
 from llmlab.peft.base import DEFAULT, Method
-from llmlab.peft.inputs import InputAdapters, SoftPrompt, add_input_adapter, peft_fields, virtual_tokens
+from llmlab.peft.inputs import InputAdapters, SoftPrompt, add_input_adapter, cache_key, peft_fields, virtual_tokens
 
 
 @dataclass
@@ -93,9 +93,10 @@ class PrefixAdapters(InputAdapters):
         dtype = model.get_input_embeddings().weight.dtype
         kv = prompts.to(dtype).view(B, n, 2 * self.layers, self.heads, self.head_dim)
         kv = kv.permute(2, 0, 3, 1, 4)  # (2L, B, heads, n, head_dim): layer l's keys at 2l, values at 2l+1
-        cache = kwargs.get("past_key_values")
+        key = cache_key(kwargs)
+        cache = kwargs.get(key)
         if cache is None:
-            kwargs["past_key_values"] = DynamicCache(list(zip(kv[0::2], kv[1::2])))
+            kwargs[key] = DynamicCache(list(zip(kv[0::2], kv[1::2])))
         else:  # an empty cache the caller holds on to (transformers' generate): fill it in place
             for layer in range(self.layers):
                 cache.update(kv[2 * layer], kv[2 * layer + 1], layer)

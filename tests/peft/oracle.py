@@ -71,6 +71,18 @@ def hf_generate(model, prompts: list[list[int]], n: int) -> list[list[int]]:
     return [row[:row.index(eos)] if eos in row else row for row in out[:, width:].tolist()]
 
 
+def stepwise_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding of one prompt by a whole forward pass per token, no KV cache: the model's own
+    logits decide, whatever a generate loop does with caches. New ids up to EOS."""
+    ids, eos = list(prompt), model.generation_config.eos_token_id
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+            if ids[-1] == eos:
+                return ids[len(prompt):-1]
+    return ids[len(prompt):]
+
+
 def llmlab_generate(model, prompts: list[list[int]], n: int) -> list[list[int]]:
     """llmlab's greedy decoding loop over a left-padded batch; new ids up to EOS."""
     from llmlab.serve.generate import SamplingConfig, decode

@@ -5,8 +5,8 @@ from llmlab.errors import LlmlabError
 from llmlab.peft import PTuningConfig, apply_ptuning, delete_adapter, disabled, load_adapter, save_adapter
 from llmlab.peft.inputs import SoftPrompt
 from llmlab.peft.ptuning import PromptEncoder
-from tests.peft.oracle import (IDS, fresh, hf_generate, lively, llmlab_generate, logits, peft_logits, peft_save,
-                               randomize)
+from tests.peft.oracle import (IDS, fresh, lively, llmlab_generate, logits, peft_logits, peft_save,
+                               randomize, stepwise_greedy)
 
 
 def test_mlp_encoder_makes_the_virtual_tokens():
@@ -66,7 +66,7 @@ def test_generation_matches_peft(tmp_path):
     save_adapter(model, tmp_path / "a")
     theirs = PeftModel.from_pretrained(lively(fresh()), str(tmp_path / "a")).eval()
     prompts = [[5, 17, 99, 3, 40, 41], [8, 9]]
-    alone = [hf_generate(theirs, [p], 8)[0] for p in prompts]
+    alone = [stepwise_greedy(theirs, p, 8) for p in prompts]  # peft's forward: see test_prefix.py
     assert llmlab_generate(model, prompts, 8) == alone  # peft's own padded batch differs: see test_prompt.py
     assert len(set(alone[0])) > 2  # not a degenerate repeat
 
