@@ -110,9 +110,9 @@ def score(model, tok, work: Path, prefix: str = "") -> dict:
     rows = [{**r, "instruction": prefix + r["instruction"]} for r in read_rows(work / "heldout.jsonl")]
     model = model.to(torch.bfloat16).eval()
     em = exact_match(model, tok, rows, progress=False)
-    held = load_sft_data(str(work / "heldout.jsonl"), tok, max_len=MAX_LEN).train
-    if prefix:  # the gold answers' perplexity as the student is asked
-        held = load_sft_data(_with_prefix(rows, work), tok, max_len=MAX_LEN).train
+    # the gold answers' perplexity as the student is asked
+    held_path = _with_prefix(rows, work) if prefix else str(work / "heldout.jsonl")
+    held = load_sft_data(held_path, tok, max_len=MAX_LEN).train
     nll = evaluate(model, ce_loss, held, 16, functools.partial(collate, pad_id=tok.pad_token_id),
                    lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     return {"accuracy": em["accuracy"], "by_kind": {k: v["accuracy"] for k, v in em["by_kind"].items()},

@@ -100,7 +100,7 @@ class LowRankLinear(nn.Module):
 
     @classmethod
     def empty(cls, in_features: int, out_features: int, bias: bool, rank: int) -> "LowRankLinear":
-        return cls(in_features, out_features, rank, bias)
+        return cls(in_features, out_features, rank, bias, device="meta")  # the folder's factors are assigned
 
     def forward(self, x: Tensor) -> Tensor:
         return self.u(self.v(x))
@@ -276,8 +276,9 @@ class LoRCLinear(nn.Module):
 
     @classmethod
     def empty(cls, in_features: int, out_features: int, bias: bool, rank: int) -> "LoRCLinear":
-        # A float stand-in of the base layer's shape: the entry `<name>.base_layer` swaps in the quantized one.
-        return cls(nn.Linear(in_features, out_features, bias=bias), rank)
+        # A stand-in of the base layer's shape, on meta so no float weight is made: the entry
+        # `<name>.base_layer` swaps in the quantized one, and the folder's u/v are assigned.
+        return cls(nn.Linear(in_features, out_features, bias=bias, device="meta"), rank, device="meta")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.base_layer(x) + self.u(self.v(x.to(self.v.weight.dtype))).to(x.dtype)
