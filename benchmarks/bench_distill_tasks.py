@@ -48,7 +48,8 @@ LR, BATCH, MAX_LEN = 1e-4, 8, 256
 
 def make_tasks(work: Path, args):
     from llmlab.atomic import atomic_write_jsonl
-    from llmlab.data.tasks import TasksConfig, make_tasks
+    from llmlab.data.tasks import make_tasks
+    from llmlab.stages.data import TasksConfig
 
     if not (work / "heldout.jsonl").exists():
         work.mkdir(parents=True, exist_ok=True)
@@ -59,8 +60,8 @@ def make_tasks(work: Path, args):
 
 def train_teacher(work: Path, args) -> dict:
     from llmlab.config import build
-    from llmlab.finetune.sft import FinetuneConfig, finetune
     from llmlab.runs import RunOptions
+    from llmlab.stages.finetune import FinetuneConfig, finetune
 
     cfg = build(FinetuneConfig, {
         "model": args.model, "data": str(work / "train.jsonl"), "method": "full", "max_len": MAX_LEN,
@@ -72,10 +73,10 @@ def train_teacher(work: Path, args) -> dict:
 
 def distill_row(work: Path, row: str, args) -> dict:
     """Train the row's student (the warm one from the layer-dropped teacher, else from the warm one)."""
+    from llmlab.data.sft import load_sft_data
     from llmlab.distill.distill import DistillTrainConfig, distill_model
     from llmlab.distill.student import StudentConfig, make_student
     from llmlab.evaluate.exact_match import read_rows
-    from llmlab.finetune.data import load_sft_data
     from llmlab.models import load_model, save_model
 
     teacher, tok = load_model(str(work / "teacher-run" / "model"))
@@ -102,9 +103,10 @@ def score(model, tok, work: Path, prefix: str = "") -> dict:
     """Exact match and gold-answer perplexity on the held-out items, in bf16."""
     import torch
 
+    from llmlab.data.packing import collate
+    from llmlab.data.sft import load_sft_data
     from llmlab.distill.kd import ce_loss
     from llmlab.evaluate.exact_match import exact_match, read_rows
-    from llmlab.finetune.data import collate, load_sft_data
     from llmlab.train.loop import evaluate
 
     rows = [{**r, "instruction": prefix + r["instruction"]} for r in read_rows(work / "heldout.jsonl")]

@@ -75,7 +75,7 @@ def bf16_matmul_peak(n: int = 2048, reps: int = 10) -> float:
 
 def load_rows(tokenizer, args):
     """Alpaca rendered with the chat template, packed into rows of seq_len; held-out rows come after."""
-    from llmlab.finetune.data import load_sft_data
+    from llmlab.data.sft import load_sft_data
 
     n_train, n_eval = args.steps * args.batch_size, 8
     data = load_sft_data(str(ALPACA), tokenizer, max_len=args.seq_len, packing=True)
@@ -99,11 +99,11 @@ def worker(args) -> dict:
 def run_llmlab(model, tokenizer, train, held, args) -> dict:
     from functools import partial
 
-    from llmlab.finetune.data import collate
-    from llmlab.finetune.sft import sft_loss
+    from llmlab.data.packing import collate
     from llmlab.peft import LoraConfig, apply_lora
     from llmlab.train import TrainConfig, fit
     from llmlab.train.loop import frozen_linears_to_bf16
+    from llmlab.train.losses import sft_loss
 
     bf16 = args.worker == "llmlab-bf16"
     apply_lora(model, LoraConfig(r=args.rank, alpha=2 * args.rank, targets=TARGETS))
@@ -122,7 +122,7 @@ def run_peft(model, tokenizer, train, held, args) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import get_cosine_schedule_with_warmup
 
-    from llmlab.finetune.data import collate
+    from llmlab.data.packing import collate
 
     model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -147,7 +147,7 @@ def run_peft(model, tokenizer, train, held, args) -> dict:
 
 @torch.no_grad()
 def eval_loss(model, held, tokenizer) -> float:
-    from llmlab.finetune.data import collate
+    from llmlab.data.packing import collate
 
     model.eval()
     batch = collate(held, tokenizer.pad_token_id)

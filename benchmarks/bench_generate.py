@@ -1,4 +1,4 @@
-"""Decoding speed: llmlab's loop (`llmlab.serve.generate`) against transformers' `model.generate`.
+"""Decoding speed: llmlab's loop (`llmlab.generation.generate`) against transformers' `model.generate`.
 
 Same model, same prompt, greedy, batch 1, exactly N new tokens (EOS ignored by both), in fp32
 and bf16. Each side is warmed up once, then timed over several runs; the median counts.
@@ -14,9 +14,9 @@ import time
 
 import torch
 
+from llmlab.generation.generate import SamplingConfig, decode, pad_id
 from llmlab.models import load_model
 from llmlab.runs import format_table
-from llmlab.serve.generate import SamplingConfig, decode, pad_id
 
 TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
         "combined movable metal type, oil-based ink and a wooden screw press into a system that could "

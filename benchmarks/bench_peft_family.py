@@ -72,7 +72,8 @@ def main():
 
 def write_tasks(folder: Path, args):
     from llmlab.atomic import atomic_write_jsonl
-    from llmlab.data.tasks import TasksConfig, make_tasks
+    from llmlab.data.tasks import make_tasks
+    from llmlab.stages.data import TasksConfig
 
     kinds = TasksConfig().kinds
     atomic_write_jsonl(folder / "train.jsonl", make_tasks(kinds, args.train_per_kind, seed=0))
@@ -96,8 +97,8 @@ def score(model_spec: str, adapter: Path | None, folder: Path, args) -> dict:
 def worker(args) -> dict:
     """Train one method, then score what the run saved, loaded afresh."""
     from llmlab.config import build
-    from llmlab.finetune.sft import FinetuneConfig, finetune
     from llmlab.runs import RunOptions
+    from llmlab.stages.finetune import FinetuneConfig, finetune
 
     method, folder = args.worker, Path(args.folder)
     spec = METHODS[method]

@@ -1,7 +1,7 @@
 """Generation speed of weight-only quantized models against fp32 and bf16, measured in one run.
 
 Same model, same prompt, greedy, batch 1, exactly N new tokens through llmlab's own KV-cache loop
-(`llmlab.serve.generate.decode`) for every variant:
+(`llmlab.generation.generate.decode`) for every variant:
     fp32, bf16                       the float model
     int8                             RTN 8-bit per-channel symmetric → torch._weight_int8pack_mm
     int4 gG                          RTN 4-bit asymmetric, groups of G → torch._weight_int4pack_mm_for_cpu
@@ -24,12 +24,12 @@ import time
 
 import torch
 
-from llmlab.compress.qlinear import quantized_linears
 from llmlab.compress.quantize import state_bytes
 from llmlab.compress.rtn import RTNConfig, quantize_rtn
+from llmlab.generation.generate import SamplingConfig, decode, pad_id
 from llmlab.models import load_model
+from llmlab.models.packed.qlinear import quantized_linears
 from llmlab.runs import format_table
-from llmlab.serve.generate import SamplingConfig, decode, pad_id
 
 TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
         "combined movable metal type, oil-based ink and a wooden screw press into a system that could "

@@ -59,12 +59,12 @@ def split_text(text: str) -> tuple[str, str]:
 
 def run_row(name: str, args) -> dict:
     """Load, quantize, save, evaluate one row in this process; returns its numbers."""
-    from llmlab.compress import get_method, quantize_model, save_quantized
+    from llmlab.compress import quantize_model, save_quantized
     from llmlab.compress.calibrate import calibration_data
-    from llmlab.compress.qlinear import QuantLinear
-    from llmlab.compress.quantize import folder_bytes
+    from llmlab.compress.quantize import folder_bytes, get_method
     from llmlab.evaluate.perplexity import perplexity
     from llmlab.models import load_model, save_model
+    from llmlab.models.packed.qlinear import QuantLinear
 
     method, options = ROWS[name]
     options = {k: args.group_size if v == "G" else v for k, v in options.items()}
@@ -90,7 +90,7 @@ def available(method: str) -> str | None:
     """None if the method's file can be imported, else why not."""
     if method == "fp32":
         return None
-    from llmlab.compress import get_method
+    from llmlab.compress.quantize import get_method
 
     try:
         get_method(method)

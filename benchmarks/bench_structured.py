@@ -41,10 +41,11 @@ from bench_quantize import DATA, split_text  # noqa: E402
 
 from llmlab.compress.calibrate import calibration_data  # noqa: E402
 from llmlab.compress.llm_pruner import LLMPrunerConfig, n_params, prune_llm_pruner  # noqa: E402
-from llmlab.compress.lowrank import LowRankConfig, decompose, save_decomposed  # noqa: E402
+from llmlab.compress.lowrank import LowRankConfig, decompose
 from llmlab.compress.quantize import folder_bytes  # noqa: E402
 from llmlab.evaluate.perplexity import perplexity  # noqa: E402
 from llmlab.models import load_model, save_model  # noqa: E402
+from llmlab.models.packed.io import save_decomposed  # noqa: E402
 
 PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
           "combined movable metal type, oil-based ink and a wooden screw press into a system")
@@ -74,9 +75,9 @@ def measure(name, model, tokenizer, folder, eval_text, args, extra=None) -> dict
 
 def lora_recovery(pruned: Path, calib_text: str, work: Path, args) -> Path:
     """`llmlab finetune --format text --method lora` on the pruned folder, then `llmlab merge`: a plain model."""
-    from llmlab.finetune.merge import MergeConfig, merge_verb
-    from llmlab.finetune.sft import FinetuneConfig, finetune
     from llmlab.runs import RunOptions
+    from llmlab.stages.finetune import FinetuneConfig, finetune
+    from llmlab.stages.merge import MergeConfig, merge_verb
     from llmlab.train import TrainConfig
 
     rows = work / "recovery.jsonl"

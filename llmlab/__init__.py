@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 _API = {
     "load_model": "llmlab.models", "save_model": "llmlab.models", "decoder_layers": "llmlab.models",
     "context_length": "llmlab.models",
-    "generate": "llmlab.serve.generate", "SamplingConfig": "llmlab.serve.generate",
+    "generate": "llmlab.generation.generate", "SamplingConfig": "llmlab.generation.generate",
     "perplexity": "llmlab.evaluate.perplexity",
     "Registry": "llmlab.runs", "LlmlabError": "llmlab.errors",
 }

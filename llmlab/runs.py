@@ -22,7 +22,6 @@ from pathlib import Path
 import yaml
 
 from llmlab.atomic import atomic_write, atomic_write_json
-from llmlab.config import field
 from llmlab.errors import LlmlabError, closest
 
 log = logging.getLogger("llmlab")
@@ -163,61 +162,12 @@ def start_run(verb: str, cfg, opts: RunOptions | None = None, model: str = "") -
 
 # ---- the `llmlab runs …` verbs ----
 
-@dataclasses.dataclass
-class RunsListConfig:
-    verb: str | None = field(None, help="only runs of this verb, e.g. 'eval ppl'")
 
-
-@dataclasses.dataclass
-class RunsShowConfig:
-    name: str = field("", help="run name")
-
-
-@dataclasses.dataclass
-class RunsCompareConfig:
-    names: list[str] = field([], help="run names")
-
-
-def runs_list(cfg: RunsListConfig, opts: RunOptions) -> dict:
-    rows = Registry(opts.registry).rows(cfg.verb)
-    table = [[r["name"], r["verb"], r["model"], r["status"],
-              time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])), _headline(r["summary"])]
-             for r in rows]
-    print(format_table(["name", "verb", "model", "status", "created", "result"], table)
-          if rows else f"no runs in {Registry(opts.registry).path}")
-    return {"runs": [r["name"] for r in rows]}
-
-
-def runs_show(cfg: RunsShowConfig, opts: RunOptions) -> dict:
-    row = Registry(opts.registry).get(cfg.name)
-    print(f"{row['name']}  ({row['verb']}, {row['status']})\nfolder: {row['path']}\n\nconfig:")
-    print(yaml.safe_dump(row["config"], sort_keys=False, allow_unicode=True).rstrip())
-    print("\nsummary:")
-    print(yaml.safe_dump(row["summary"], sort_keys=False, allow_unicode=True).rstrip())
-    return row
-
-
-def runs_compare(cfg: RunsCompareConfig, opts: RunOptions) -> dict:
-    registry = Registry(opts.registry)
-    rows = [registry.get(name) for name in cfg.names]
-    metrics = [k for k in dict.fromkeys(k for r in rows for k in r["summary"])
-               if any(_is_number(r["summary"].get(k)) for r in rows)]
-    table = [[m] + [_fmt(r["summary"].get(m)) for r in rows] for m in metrics]
-    print(format_table(["metric"] + [r["name"] for r in rows], table))
-    return {r["name"]: {m: r["summary"].get(m) for m in metrics} for r in rows}
-
-
-def _headline(summary: dict) -> str:
-    """The one or two numbers that say what a run found."""
-    keys = [k for k in ("ppl", "accuracy", "loss", "tokens_per_s") if _is_number(summary.get(k))]
-    return "  ".join(f"{k}={_fmt(summary[k])}" for k in keys[:2])
-
-
-def _is_number(x) -> bool:
+def is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _fmt(x) -> str:
+def fmt_cell(x) -> str:
     if isinstance(x, float):
         return f"{x:.4g}" if abs(x) < 1e5 else f"{x:.3e}"
     return "-" if x is None else str(x)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from llmlab.evaluate.perplexity import perplexity
+from llmlab.generation.generate import SamplingConfig, generate
 from llmlab.models import load_model
-from llmlab.serve.generate import SamplingConfig, generate
 
 pytestmark = pytest.mark.gpu
 TEXT = "The cat sat on the mat and looked at the dog. " * 20

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from llmlab.errors import LlmlabError
 from llmlab.atomic import atomic_write
+from llmlab.errors import LlmlabError
 from llmlab.runs import Registry, RunOptions, start_run
 
 

@@ -34,14 +34,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from llmlab.compress.calibrate import calibrate_layers, check_skip, layers_prefix, linears_of, observe, \
-    set_module, skipped
-from llmlab.compress.qlinear import QuantLinear
-from llmlab.compress.quant import QuantSpec, fake_quantize
+from llmlab.compress.calibrate import calibrate_layers, check_skip, layers_prefix, linears_of, observe, skipped
 from llmlab.compress.rtn import RTNConfig, rtn_targets
 from llmlab.config import field
 from llmlab.errors import LlmlabError
 from llmlab.models.layers import decoder_layers
+from llmlab.models.packed.qlinear import QuantLinear
+from llmlab.models.packed.quant import QuantSpec, fake_quantize
+from llmlab.models.surgery import set_module
 
 # (the op producing the input, the linears reading it) in a LLaMA-style block.
 LLAMA_GROUPS = [

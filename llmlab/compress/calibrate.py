@@ -22,10 +22,12 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
 
 from llmlab.data.text import read_text
 from llmlab.errors import LlmlabError
 from llmlab.models.layers import decoder_layers
+from llmlab.models.surgery import conv1d_as_linear, set_module
 
 
 def calibration_data(tokenizer, source: str, n_samples: int = 128, seq_len: int = 512, seed: int = 0) -> Tensor:
@@ -186,29 +188,10 @@ def linears_of(layer: nn.Module) -> dict[str, nn.Linear]:
     GPT-2's Conv1D (a linear with a transposed weight) is first swapped for the equivalent
     nn.Linear, so every method sees one layout.
     """
-    from transformers.pytorch_utils import Conv1D
-
     for name, module in list(layer.named_modules()):
         if isinstance(module, Conv1D):
-            set_module(layer, name, _conv1d_as_linear(module))
+            set_module(layer, name, conv1d_as_linear(module))
     return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
-
-
-def _conv1d_as_linear(conv) -> nn.Linear:
-    in_features, out_features = conv.weight.shape  # Conv1D computes x @ W + b with W (in, out)
-    linear = nn.Linear(in_features, out_features, bias=conv.bias is not None,
-                       device=conv.weight.device, dtype=conv.weight.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(conv.weight.T)
-        if conv.bias is not None:
-            linear.bias.copy_(conv.bias)
-    return linear
-
-
-def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at dotted `name` under `root`."""
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 def layers_prefix(model) -> str:

@@ -22,7 +22,6 @@ of 32 falls back to F16 as in llama.cpp. `q8_0_linears(model)` makes the matchin
 QuantLinear layers holding exactly the Q8_0 grid.
 """
 
-import dataclasses
 import json
 import os
 import tempfile
@@ -33,7 +32,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from llmlab.config import field
 from llmlab.errors import LlmlabError, closest
 
 QTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
@@ -44,33 +42,9 @@ LLAMA_LIKE = ("llama", "mistral")  # decoders llama.cpp runs as its "llama" arch
 BLOCK = 32  # weights per Q8_0 / Q4_0 block
 
 
-@dataclasses.dataclass
-class ExportConfig:
-    """The file to write is the common --out option (default: <model name>.<qtype>.gguf)."""
-    model: str = field("smollm2-135m", help="model spec: built-in name, folder (also a quantized one), run folder")
-    qtype: str = field("q8_0", help="tensor type of the linear weights: f32, f16, q8_0 or q4_0")
-
-    def __post_init__(self):
-        check_qtype(self.qtype)
-
-
 def check_qtype(qtype: str):
     if qtype not in QTYPES:
         raise LlmlabError(f"unsupported GGUF qtype '{qtype}'{closest(qtype, QTYPES)}; use one of {', '.join(QTYPES)}")
-
-
-def export_verb(cfg: ExportConfig, opts=None) -> dict:
-    """`llmlab export gguf --model M --qtype q8_0 --out FILE.gguf`: write the GGUF, report its size."""
-    from llmlab.models import load_model
-
-    path = Path(getattr(opts, "out", None) or f"{Path(cfg.model).name}.{cfg.qtype}.gguf")
-    if path.suffix != ".gguf":
-        raise LlmlabError(f"--out must name a .gguf file, got '{path}'")
-    model, tokenizer = load_model(cfg.model)
-    export_gguf(model, tokenizer, path, cfg.qtype)
-    size = path.stat().st_size
-    print(f"exported {cfg.model} as {cfg.qtype} -> {path} ({size / 2**20:.1f} MiB)")
-    return {"model": cfg.model, "qtype": cfg.qtype, "gguf": str(path), "bytes": size}
 
 
 def export_gguf(model: nn.Module, tokenizer, path: str | Path, qtype: str = "q8_0") -> Path:
@@ -224,10 +198,11 @@ def q8_0_grid(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def q8_0_linears(model: nn.Module) -> nn.Module:
     """Swap every decoder-layer nn.Linear for a QuantLinear on the Q8_0 grid: the model a Q8_0 export
     describes, apart from its f16 embeddings. In place; returns the model."""
-    from llmlab.compress.calibrate import linears_of, set_module
-    from llmlab.compress.qlinear import QuantLinear
-    from llmlab.compress.quant import QuantSpec
+    from llmlab.compress.calibrate import linears_of
     from llmlab.models.layers import decoder_layers
+    from llmlab.models.packed.qlinear import QuantLinear
+    from llmlab.models.packed.quant import QuantSpec
+    from llmlab.models.surgery import set_module
 
     spec = QuantSpec(bits=8, group_size=BLOCK, symmetric=True)
     for layer in decoder_layers(model):

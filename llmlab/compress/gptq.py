@@ -34,13 +34,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from llmlab.compress.calibrate import calibrate_layers, check_skip, layers_prefix, linears_of, observe, \
-    set_module, skipped
-from llmlab.compress.qlinear import QuantLinear
-from llmlab.compress.quant import QuantSpec, fit_grid, quantize, quantize_column
+from llmlab.compress.calibrate import calibrate_layers, check_skip, layers_prefix, linears_of, observe, skipped
 from llmlab.compress.rtn import RTNConfig, rtn_targets
 from llmlab.config import field
 from llmlab.errors import LlmlabError
+from llmlab.models.packed.qlinear import QuantLinear
+from llmlab.models.packed.quant import QuantSpec, fit_grid, quantize, quantize_column
+from llmlab.models.surgery import set_module
 
 
 @dataclass

@@ -23,15 +23,14 @@ plus the decomposition; threshold = inf turns the decomposition off (plain vecto
 
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from llmlab.compress.calibrate import check_skip, set_module
-from llmlab.compress.qlinear import register
-from llmlab.compress.quant import QuantSpec
-from llmlab.compress.smoothquant import W8A8Linear, absmax_int8, decoder_linears, float_gradient, int8_matmul
+from llmlab.compress.calibrate import check_skip
+from llmlab.compress.smoothquant import decoder_linears
 from llmlab.config import field
-from llmlab.errors import LlmlabError
+from llmlab.models.packed.quant import QuantSpec
+from llmlab.models.packed.w8a8 import LLMInt8Linear, check_threshold
+from llmlab.models.surgery import set_module
 
 
 @dataclass
@@ -47,43 +46,6 @@ class LLMInt8Config:
     @property
     def spec(self) -> QuantSpec:  # the weights' grid: int8, one symmetric scale per output row
         return QuantSpec(8, 0, symmetric=True)
-
-
-def check_threshold(threshold: float) -> None:
-    if not threshold > 0:
-        raise LlmlabError(f"llm_int8 threshold must be > 0, got {threshold}; 6.0 is the paper's value")
-
-
-@register("llm_int8")
-class LLMInt8Linear(W8A8Linear):
-    """Int8 weights per output row (qweight, scales (out, 1)) × int8 activations per token, with the
-    outlier feature dimensions of each input multiplied in float."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, threshold: float = 6.0):
-        super().__init__(in_features, out_features, bias, bits=8, group_size=0, act_scale="per_token")
-        check_threshold(threshold)
-        self.threshold = float(threshold)
-
-    @classmethod
-    def from_float(cls, linear: nn.Linear, threshold: float = 6.0) -> "LLMInt8Linear":
-        return cls(linear.in_features, linear.out_features, linear.bias is not None, threshold).set_float(linear)
-
-    def config(self) -> dict:
-        return {"threshold": self.threshold}
-
-    def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out), in x's dtype
-        x2 = x.reshape(-1, self.in_features).float()  # (N, in)
-        outliers = (x2.abs() >= self.threshold).any(0).nonzero()[:, 0]  # O: (k,) feature dimensions
-        xq, cx = absmax_int8(x2.index_fill(1, outliers, 0.0))  # (N, in), (N, 1): scales without the outliers
-        wq, cw = self.int_weight(), self.scales.float()  # (out, in) int8, (out, 1)
-        y = int8_matmul(xq, wq).float() * cx * cw[:, 0]  # (N, out): (c_x ⊗ c_w) ∘ X_q W_qᵀ
-        if len(outliers):
-            y = y + x2[:, outliers] @ (wq[:, outliers].float() * cw).T  # X_:,O Ŵ_:,Oᵀ in float
-        w_hat = self.dequantized_weight() if torch.is_grad_enabled() and x2.requires_grad else None
-        y = float_gradient(y, x2, w_hat)
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
 def quantize_llm_int8(model, calib: Tensor | None = None, cfg: LLMInt8Config | None = None):

@@ -30,25 +30,23 @@ modules, each before the quantized layers inside it), so decompose → quantize 
 models reload with `load_model(folder)`; folders with the older `llmlab_lowrank.json` still load.
 """
 
-import dataclasses
-import json
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from llmlab.compress.calibrate import (calibrate_layers, calibration_data, check_skip, layers_prefix, linears_of,
-                                       observe, set_module, skipped)
+from llmlab import methods
+from llmlab.compress.calibrate import calibrate_layers, check_skip, layers_prefix, linears_of, observe, skipped
 from llmlab.compress.gptq import one_thread  # LAPACK too: a 576² SVD takes 0.2 s on one thread, 10+ s on two busy ones
 from llmlab.config import field
 from llmlab.errors import LlmlabError
 from llmlab.models.layers import decoder_layers
+from llmlab.models.packed.lowrank import LoRCLinear, LowRankLinear
+from llmlab.models.packed.qlinear import QuantizedLinear, quantized_linears
+from llmlab.models.surgery import linear_weight, set_module
 
-LOWRANK_METHODS = ("svd", "asvd", "svd_llm")
-MARKER = "llmlab_lowrank.json"  # the marker of decomposed folders written before io.py knew low-rank layers
+LOWRANK_METHODS = tuple(methods.names("decompose"))  # svd, asvd, svd_llm
 
 
 @dataclass
@@ -83,27 +81,6 @@ class LowRankConfig:
     @property
     def needs_calib(self) -> bool:
         return self.method != "svd"
-
-
-class LowRankLinear(nn.Module):
-    """y = u(v(x)): W ≈ U·V with V (rank, in) and U (out, rank); the bias stays on `u`."""
-    kind = "lowrank"  # its entry in io.py's list of swapped modules
-
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool, device=None, dtype=None):
-        super().__init__()
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.v = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
-        self.u = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
-
-    def config(self) -> dict:
-        return {"rank": self.rank}
-
-    @classmethod
-    def empty(cls, in_features: int, out_features: int, bias: bool, rank: int) -> "LowRankLinear":
-        return cls(in_features, out_features, rank, bias, device="meta")  # the folder's factors are assigned
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.u(self.v(x))
 
 
 def factorize(weight: Tensor, rank: int | None = None, energy: float | None = None,
@@ -225,10 +202,6 @@ def add_lorc(quantized, reference, rank: int):
 
 def _lorc_targets(quantized, reference, rank: int) -> dict:
     """name -> (quantized layer, reference weight (out, in)); LlmlabError, nothing changed, where LoRC cannot apply."""
-    from transformers.pytorch_utils import Conv1D
-
-    from llmlab.compress.qlinear import QuantizedLinear, quantized_linears
-
     if rank < 1:
         raise LlmlabError(f"LoRC rank must be at least 1, got {rank}")
     if any(isinstance(m, LoRCLinear) for m in quantized.modules()):
@@ -243,8 +216,7 @@ def _lorc_targets(quantized, reference, rank: int) -> dict:
         if not hasattr(floats.get(name), "weight"):
             raise LlmlabError(f"LoRC: the reference model has no float layer '{name}'; pass the model before "
                               "quantizing")
-        w = floats[name].weight
-        targets[name] = (q, w.T if isinstance(floats[name], Conv1D) else w)  # GPT-2 stores (in, out)
+        targets[name] = (q, linear_weight(floats[name]))
     _check_not_rescaled(quantized, reference, layers)
     return targets
 
@@ -258,101 +230,3 @@ def _check_not_rescaled(quantized, reference, layers: dict):
             raise LlmlabError(f"LoRC: {name} differs from the reference model's (the quantizer rescaled the "
                               "float weights, as awq and smoothquant do); use LoRC with rtn, gptq, zeroquant, "
                               "llm_int8 or nf4")
-
-
-class LoRCLinear(nn.Module):
-    """y = Ŵx + U(Vx): a quantized layer plus the low-rank part of its quantization error."""
-    kind = "lorc"  # its entry in io.py's list of swapped modules, before `<name>.base_layer`
-
-    def __init__(self, base_layer: nn.Module, rank: int, device=None, dtype=None):
-        super().__init__()
-        self.base_layer, self.rank = base_layer, rank
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        self.v = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
-        self.u = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
-
-    def config(self) -> dict:
-        return {"rank": self.rank}
-
-    @classmethod
-    def empty(cls, in_features: int, out_features: int, bias: bool, rank: int) -> "LoRCLinear":
-        # A stand-in of the base layer's shape, on meta so no float weight is made: the entry
-        # `<name>.base_layer` swaps in the quantized one, and the folder's u/v are assigned.
-        return cls(nn.Linear(in_features, out_features, bias=bias, device="meta"), rank, device="meta")
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.base_layer(x) + self.u(self.v(x.to(self.v.weight.dtype))).to(x.dtype)
-
-
-def save_decomposed(model, tokenizer, out: str | Path) -> Path:
-    """io.py's folder (config, tokenizer, safetensors with the factors, the marker listing each LowRankLinear)."""
-    from llmlab.compress.io import save_quantized
-
-    return save_quantized(model, tokenizer, out)
-
-
-def load_decomposed(folder: str | Path, dtype: str | torch.dtype = "fp32"):
-    """(model, tokenizer) from a decomposed folder: io.py's, or one with the older llmlab_lowrank.json."""
-    from llmlab.compress import io
-
-    folder = Path(folder)
-    if io.is_quantized_folder(folder):
-        return io.load_quantized(folder, dtype)
-    try:  # {"format": 1, "method": "svd", "modules": {name: {"rank": k, "in": n, "out": m}}}
-        old = json.loads((folder / MARKER).read_text(encoding="utf-8"))
-        modules = {name: {"kind": "lowrank", "rank": int(m["rank"])} for name, m in old["modules"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise LlmlabError(f"{folder / MARKER} is not a readable llmlab low-rank file ({e}); decompose again") from None
-    return io.load_with_marker(folder, {"method": None, "lowrank": old.get("method"), "modules": modules}, dtype)
-
-
-@dataclasses.dataclass
-class DecomposeConfig:
-    model: str = field("smollm2-135m", help="model spec: built-in name, folder, .gguf, run folder or hub id")
-    method: str = field("svd", help=", ".join(LOWRANK_METHODS))
-    rank: int | None = field(None, help="rank of every decomposed layer")
-    param_ratio: float | None = field(None, help="fraction of each layer's parameters kept, in (0, 1)")
-    energy: float | None = field(None, help="keep the smallest rank with this fraction of Σσ², in (0, 1]")
-    alpha: float = field(0.5, help="asvd: exponent of the activation scale")
-    skip: list[str] = field([], help="regexes of full module names to leave whole")
-    calib: str | None = field(None, help="calibration text file (asvd, svd_llm)")
-    n_samples: int = field(32, help="calibration windows")
-    seq_len: int = field(512, help="tokens per calibration window")
-    seed: int = field(0, help="seed that picks the calibration windows")
-    dtype: str = field("fp32", help="fp32, bf16 or fp16")
-    device: str = field("cpu", help="cpu, cuda or auto")
-
-    def __post_init__(self):
-        cfg = self.lowrank_config()
-        if cfg.needs_calib and not self.calib:
-            raise LlmlabError(f"--method {self.method} reads activations: give --calib FILE (not the evaluation text)")
-
-    def lowrank_config(self) -> LowRankConfig:
-        return LowRankConfig(method=self.method, rank=self.rank, param_ratio=self.param_ratio, energy=self.energy,
-                             alpha=self.alpha, skip=list(self.skip))
-
-
-def decompose_verb(cfg: DecomposeConfig, opts) -> dict:
-    from llmlab.compress.quantize import folder_bytes, state_bytes
-    from llmlab.models import load_model
-    from llmlab.runs import start_run
-
-    lr_cfg = cfg.lowrank_config()
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    calib = calibration_data(tokenizer, cfg.calib, cfg.n_samples, cfg.seq_len, cfg.seed) if lr_cfg.needs_calib else None
-    before, bytes_before = sum(p.numel() for p in set(model.parameters())), state_bytes(model)
-    with start_run("decompose", cfg, opts) as run:
-        start = time.perf_counter()
-        decompose(model, calib, lr_cfg)
-        seconds = time.perf_counter() - start
-        saved = save_decomposed(model, tokenizer, run.artifact("model"))
-        ranks = list(model.llmlab_lowrank["modules"].values())
-        result = {"model": cfg.model, "method": cfg.method, "layers": len(ranks),
-                  "mean_rank": round(sum(ranks) / max(len(ranks), 1), 1), "params_before": before,
-                  "params_after": sum(p.numel() for p in set(model.parameters())), "bytes_before": bytes_before,
-                  "size_on_disk_bytes": folder_bytes(saved), "seconds": round(seconds, 2), "saved": str(saved)}
-        run.log_metrics(**result)
-        summary = run.finish(result)
-    print(f"decomposed {cfg.model} with {cfg.method}: {len(ranks)} layers (mean rank {result['mean_rank']}), "
-          f"{before / 1e6:.1f}M -> {result['params_after'] / 1e6:.1f}M parameters in {seconds:.1f} s -> {saved}")
-    return summary

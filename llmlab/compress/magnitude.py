@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from llmlab.compress.calibrate import check_skip
-from llmlab.compress.sparsity import PruneSpec, apply_mask, check_model, mask_for, matrix_mask, prune_targets, \
-    weight_of
+from llmlab.compress.sparsity import PruneSpec, apply_mask, check_model, mask_for, matrix_mask, prune_targets, weight_of
 from llmlab.config import field
 from llmlab.errors import LlmlabError
 

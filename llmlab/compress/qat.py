@@ -35,19 +35,20 @@ at every position of the sequence (§2.3, logit distillation):
 import copy
 import dataclasses
 import logging
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmlab.compress.calibrate import check_skip, layers_prefix, linears_of, set_module, skipped
-from llmlab.compress.quant import QuantSpec, fake_quantize
+from llmlab.compress.calibrate import check_skip, layers_prefix, linears_of, skipped
 from llmlab.config import field
 from llmlab.errors import LlmlabError
-from llmlab.models import context_length, decoder_layers, load_model
-from llmlab.runs import RunOptions, start_run
-from llmlab.train.loop import TrainConfig, evaluate, fit, frozen_linears_to_bf16
+from llmlab.models import context_length, decoder_layers
+from llmlab.models.packed.quant import QuantSpec, fake_quantize
+from llmlab.models.surgery import set_module
+from llmlab.train import TrainConfig
+from llmlab.train.loop import fit, frozen_linears_to_bf16
+from llmlab.train.losses import SoftTargetLoss
 
 log = logging.getLogger("llmlab")
 
@@ -138,7 +139,7 @@ class FakeQuantLinear(nn.Module):
 
 def prepare_qat(model: nn.Module, spec: QATSpec) -> nn.Module:
     """Swap every linear of the decoder layers for a FakeQuantLinear, in place; returns the model."""
-    from llmlab.compress.qlinear import QuantizedLinear
+    from llmlab.models.packed.qlinear import QuantizedLinear
 
     if any(isinstance(m, (FakeQuantLinear, QuantizedLinear)) for m in model.modules()):
         raise LlmlabError("the model is already quantized or prepared for QAT; start from a float model")
@@ -168,7 +169,7 @@ def convert_qat(model: nn.Module) -> nn.Module:
     The result is weight-only: activation and KV fake quantization do not survive the conversion
     (QuantLinear has no such inputs), so a model trained with act_bits/kv_bits is saved without them.
     """
-    from llmlab.compress.qlinear import QuantLinear
+    from llmlab.models.packed.qlinear import QuantLinear
 
     fakes = [(name, m) for name, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
     for name, fake in fakes:
@@ -185,7 +186,7 @@ def generate_data(model, tokenizer, n_samples: int, seq_len: int, *, greedy_toke
     """(n_samples, seq_len) token ids the model writes itself, by the rule in the module docstring.
 
     The same seed and batch size give the same data (each batch samples from its own seeded RNG)."""
-    from llmlab.serve.generate import SamplingConfig
+    from llmlab.generation.generate import SamplingConfig
 
     ctx = context_length(model)
     if ctx is not None and seq_len > ctx:
@@ -214,33 +215,13 @@ def generate_data(model, tokenizer, n_samples: int, seq_len: int, *, greedy_toke
 
 def _extend(model, ids: list[list[int]], cfg) -> list[list[int]]:
     """Each row followed by exactly cfg.max_new_tokens more tokens (EOS does not stop it), KV-cached."""
-    from llmlab.serve.generate import decode
+    from llmlab.generation.generate import decode
 
     new = decode(model, ids, cfg, eos=[], pad=0)
     return [row + more for row, more in zip(ids, new)]
 
 
-# ---- distillation ----
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Σ over positions of −Σ_c p_T(c) log p_S(c), in float32; logits (B, T, V)."""
-    p_teacher = teacher_logits.float().softmax(-1)
-    return -(p_teacher * student_logits.float().log_softmax(-1)).sum()
-
-
-class DistillLoss:
-    """`loss_fn(student, batch)` for llmlab.train.fit: the soft cross-entropy to `teacher` over every token."""
-
-    def __init__(self, teacher: nn.Module):
-        self.teacher = teacher  # not a submodule of the student: the optimizer never sees it
-
-    def __call__(self, model, batch: dict):
-        ids = batch["input_ids"]  # (B, T)
-        with torch.no_grad():
-            teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
-        student_logits = model(input_ids=ids, use_cache=False).logits
-        return kd_loss(student_logits, teacher_logits), ids.numel()
-
+# ---- distillation: SoftTargetLoss (train/losses.py), the teacher's full distribution at every token ----
 
 def collate(rows: list[torch.Tensor]) -> dict:
     return {"input_ids": torch.stack(rows)}
@@ -249,6 +230,9 @@ def collate(rows: list[torch.Tensor]) -> dict:
 def frozen_copy(model: nn.Module) -> nn.Module:
     """The teacher: a deep copy of the fp model, in eval mode, with no parameter requiring grad."""
     return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+# ---- the configuration (also `llmlab qat`'s) ----
 
 
 @dataclasses.dataclass
@@ -316,77 +300,5 @@ def quantize_qat(model, calib: torch.Tensor | None, cfg: QATConfig, *, tokenizer
     if cfg.train.bf16:
         frozen_linears_to_bf16(teacher)
     prepare_qat(model, cfg)
-    fit(model, DistillLoss(teacher), list(calib), cfg.train, collate=collate, run=run, progress=False)
+    fit(model, SoftTargetLoss(teacher), list(calib), cfg.train, collate=collate, run=run, progress=False)
     return convert_qat(model) if cfg.convert else model
-
-
-# ---- the `llmlab qat` verb ----
-
-def qat_verb(cfg: QATConfig, opts: RunOptions) -> dict:
-    from llmlab.compress.io import save_quantized
-    from llmlab.data.text import read_text
-
-    ppl_text = read_text(cfg.ppl_data) if cfg.ppl_data else None  # a missing file fails before any work
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    with start_run("qat", cfg, opts) as run:
-        start = time.perf_counter()
-        data = training_data(model, tokenizer, cfg)
-        gen_seconds = time.perf_counter() - start
-        train_rows, eval_rows = list(data[:cfg.n_samples]), list(data[cfg.n_samples:])
-        teacher = frozen_copy(model)
-        stats = {"ppl_fp": _ppl(teacher, tokenizer, ppl_text, cfg)}
-        if cfg.train.bf16:
-            frozen_linears_to_bf16(teacher)  # the teacher only runs forward: bf16 storage halves its cost
-        prepare_qat(model, cfg)
-        loss_fn = DistillLoss(teacher)
-        stats["ppl_rtn"] = _ppl(model, tokenizer, ppl_text, cfg)  # step 0: the student is the RTN model
-        stats["kd_rtn"] = _kd(model, loss_fn, eval_rows, cfg)
-        result = fit(model, loss_fn, train_rows, cfg.train, collate=collate, eval_data=eval_rows or None, run=run)
-        stats["kd_qat"] = result["eval_loss"]
-        if cfg.act_bits or cfg.kv_bits or not cfg.convert:  # weight-only, the converted model computes the same
-            stats["ppl_qat_fake"] = _ppl(model, tokenizer, ppl_text, cfg)
-        if cfg.convert:
-            convert_qat(model)
-            stats["ppl_qat"] = _ppl(model, tokenizer, ppl_text, cfg)
-            saved = str(save_quantized(model, tokenizer, run.path / "model", method="qat"))
-        else:
-            saved = None
-        _write_samples(run, tokenizer, data[:8])
-        summary = run.finish({"model": cfg.model, "bits": cfg.bits, "group_size": cfg.group_size,
-                              "act_bits": cfg.act_bits, "kv_bits": cfg.kv_bits, "data_free": not cfg.data,
-                              "generate_seconds": round(gen_seconds, 2), **result, **stats, "saved": saved})
-    _report(cfg, summary)
-    return summary
-
-
-def _kd(model, loss_fn, rows, cfg: QATConfig) -> float | None:
-    if not rows:
-        return None
-    autocast = lambda: torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)  # noqa: E731
-    return evaluate(model, loss_fn, rows, cfg.train.batch_size, collate, autocast)
-
-
-def _ppl(model, tokenizer, text: str | None, cfg: QATConfig) -> float | None:
-    if text is None:
-        return None
-    from llmlab.evaluate.perplexity import perplexity
-
-    return perplexity(model, tokenizer, text, seq_len=cfg.ppl_seq_len, max_windows=cfg.ppl_windows,
-                      progress=False)["ppl"]
-
-
-def _write_samples(run, tokenizer, ids: torch.Tensor):
-    """A few training sequences as text, to see what the model taught itself with."""
-    from llmlab.atomic import atomic_write_jsonl
-
-    atomic_write_jsonl(run.artifact("samples.jsonl"), [{"text": tokenizer.decode(row)} for row in ids.tolist()])
-
-
-def _report(cfg: QATConfig, summary: dict):
-    kd = "" if summary["kd_rtn"] is None else f"; KD loss {summary['kd_rtn']:.4f} (RTN) -> {summary['kd_qat']:.4f}"
-    ppl = ""
-    if summary["ppl_fp"] is not None:
-        after = summary["ppl_qat"] if cfg.convert else summary["ppl_qat_fake"]
-        ppl = f"; ppl fp {summary['ppl_fp']:.3f}, RTN {summary['ppl_rtn']:.3f}, QAT {after:.3f}"
-    print(f"QAT W{cfg.bits} g{cfg.group_size} of {cfg.model}: {summary['steps']} steps{kd}{ppl}"
-          f" -> {summary['saved'] or summary['path']}")

@@ -21,12 +21,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmlab.compress.calibrate import check_skip, layers_prefix, linears_of, set_module, skipped
-from llmlab.compress.qlinear import QuantizedLinear, QuantLinear, quantized_linears
-from llmlab.compress.quant import QuantSpec
+from llmlab.compress.calibrate import check_skip, layers_prefix, linears_of, skipped
 from llmlab.config import field
 from llmlab.errors import LlmlabError
 from llmlab.models.layers import decoder_layers
+from llmlab.models.packed.qlinear import QuantizedLinear, QuantLinear, quantized_linears
+from llmlab.models.packed.quant import QuantSpec
+from llmlab.models.surgery import set_module
 
 
 @dataclass

@@ -23,10 +23,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 from llmlab.compress.calibrate import layers_prefix, skipped
 from llmlab.errors import LlmlabError
 from llmlab.models.layers import decoder_layers
+from llmlab.models.surgery import linear_weight
 
 
 @dataclass
@@ -102,14 +104,12 @@ def mask_for(score: Tensor, spec: PruneSpec) -> Tensor:
 
 
 def weight_of(module: nn.Module) -> Tensor:
-    """The (out, in) weight of an nn.Linear, or a view of a GPT-2 Conv1D's (in, out) weight: writes reach it."""
-    return module.weight.data if isinstance(module, nn.Linear) else module.weight.data.T
+    """The (out, in) weight of an nn.Linear or a GPT-2 Conv1D, outside autograd: writes reach the layer."""
+    return linear_weight(module).data
 
 
 def layer_targets(layer: nn.Module, prefix: str, skip: list[str]) -> dict[str, nn.Module]:
     """The prunable linears of one decoder layer, by relative name; `prefix` makes the full name `skip` sees."""
-    from transformers.pytorch_utils import Conv1D
-
     return {name: m for name, m in layer.named_modules()
             if isinstance(m, (nn.Linear, Conv1D)) and not skipped(f"{prefix}.{name}", skip)}
 
@@ -123,7 +123,7 @@ def prune_targets(model, skip: list[str]) -> dict[str, nn.Module]:
 
 def check_model(model, spec: PruneSpec, skip: list[str]) -> None:
     """Refuse, before anything changes: a quantized model, nothing to prune, or an M that does not divide a layer."""
-    from llmlab.compress.qlinear import quantized_linears
+    from llmlab.models.packed.qlinear import quantized_linears
 
     done = quantized_linears(model)
     if done:

@@ -25,10 +25,12 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from llmlab.compress.calibrate import check_skip, set_module
-from llmlab.compress.quant import QuantSpec
-from llmlab.compress.smoothquant import W8A8Linear, check_w8a8, decoder_linears
+from llmlab.compress.calibrate import check_skip
+from llmlab.compress.smoothquant import decoder_linears
 from llmlab.config import field
+from llmlab.models.packed.quant import QuantSpec
+from llmlab.models.packed.w8a8 import W8A8Linear, check_w8a8
+from llmlab.models.surgery import set_module
 
 
 @dataclass

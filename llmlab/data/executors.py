@@ -17,9 +17,9 @@ Ray cluster; it is not installed here and its path is untested.
 """
 
 import json
-from concurrent.futures import ProcessPoolExecutor, as_completed
 import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator

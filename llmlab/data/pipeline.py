@@ -25,130 +25,38 @@ Token shards. With `output.tokenizer` set, the kept documents are also tokenized
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import logging
 import shutil
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Literal
+from typing import Any, Iterator, Literal
 
+from llmlab import methods
 from llmlab.atomic import atomic_dir, atomic_write_json, atomic_write_jsonl
 from llmlab.config import build, field
 from llmlab.data import readers
 from llmlab.data.executors import execute
+from llmlab.data.readers import InputConfig
+from llmlab.data.steps.base import SAMPLES_PER_REASON, Step, StepLog
 from llmlab.errors import LlmlabError, closest
 
 log = logging.getLogger("llmlab")
 
-STEPS: dict[str, type["Step"]] = {}
-SAMPLES_PER_REASON = 20  # dropped examples kept per (step, reason) for inspection
-
-
-class Step:
-    """One pipeline step. Subclasses set `name` (the YAML key) and `Config` (a dataclass, validated in
-    __post_init__) and implement process(). Per-document steps are mapped over shards in parallel workers;
-    steps with `global_ = True` (de-duplication, decontamination fitting) see the whole corpus in one process."""
-    name: ClassVar[str]
-    Config: ClassVar[type]
-    global_: ClassVar[bool] = False
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-
-    def process(self, docs: Iterator[dict], log: "StepLog") -> Iterator[dict]:
-        """Yield the kept (possibly modified) documents; call log.drop(doc, reason) for the others."""
-        raise NotImplementedError
-
-
-class StepLog:
-    """What one step did to one shard (or to the whole corpus): drops per reason with samples, modifications."""
-
-    def __init__(self, step: str, keep: int = SAMPLES_PER_REASON):
-        self.step, self.keep = step, keep
-        self.drops: Counter = Counter()        # reason -> documents dropped
-        self.drop_bytes: Counter = Counter()   # reason -> UTF-8 bytes of their text
-        self.samples: dict[str, list[dict]] = {}
-        self.changes: Counter = Counter()      # what -> count, e.g. {"EMAIL": 12}
-
-    def drop(self, doc: dict, reason: str) -> None:
-        """Count the drop under `reason` and keep a sample for inspection."""
-        self.drops[reason] += 1
-        self.drop_bytes[reason] += len(doc.get("text", "").encode("utf-8"))
-        kept = self.samples.setdefault(reason, [])
-        if len(kept) < self.keep:
-            kept.append(doc)
-
-    def modified(self, doc: dict, what: str, n: int = 1) -> None:
-        """Count `n` changes of kind `what` made to `doc` (e.g. redactions by type)."""
-        self.changes[what] += n
-
-    def merge(self, other: "StepLog") -> "StepLog":
-        """Add another shard's log into this one (samples stay capped)."""
-        self.drops.update(other.drops)
-        self.drop_bytes.update(other.drop_bytes)
-        self.changes.update(other.changes)
-        for reason, docs in other.samples.items():
-            kept = self.samples.setdefault(reason, [])
-            kept.extend(docs[:self.keep - len(kept)])
-        return self
-
-    def to_dict(self) -> dict:
-        return {"step": self.step, "drops": dict(self.drops), "drop_bytes": dict(self.drop_bytes),
-                "changes": dict(self.changes), "samples": self.samples}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "StepLog":
-        log = cls(data["step"])
-        log.drops.update(data["drops"])
-        log.drop_bytes.update(data["drop_bytes"])
-        log.changes.update(data["changes"])
-        log.samples = {k: list(v) for k, v in data["samples"].items()}
-        return log
-
-
-def register(cls: type[Step]) -> type[Step]:
-    """Class decorator: make a step available in pipeline YAML under `cls.name`."""
-    if not dataclasses.is_dataclass(getattr(cls, "Config", None)):
-        raise TypeError(f"step {cls.__name__} needs a dataclass `Config`")
-    if cls.name in STEPS and STEPS[cls.name] is not cls:
-        raise TypeError(f"two steps are registered as '{cls.name}': {STEPS[cls.name].__name__} and {cls.__name__}")
-    STEPS[cls.name] = cls
-    return cls
-
-
-def load_steps() -> dict[str, type[Step]]:
-    """Import llmlab.data.steps (which imports every step module) so that all steps are registered."""
-    importlib.import_module("llmlab.data.steps")
-    return STEPS
 
 
 def make_step(name: str, options: dict | None = None, where: str = "steps") -> Step:
-    """The step registered as `name`, configured from a YAML mapping; unknown names suggest the closest."""
-    steps = load_steps()
+    """The step called `name` in llmlab.methods, configured from a YAML mapping; unknown names suggest the closest."""
+    steps = methods.names("data")
     if name not in steps:
         raise LlmlabError(f"unknown step '{name}' in {where}{closest(name, steps)}; "
                           f"known steps: {', '.join(sorted(steps))}")
-    cls = steps[name]
+    _, cls, _ = methods.load("data", name)
     return cls(build(cls.Config, options or {}, f"{where}.{name}"))
 
 
 # ---- the pipeline config ----
-
-@dataclasses.dataclass
-class InputConfig:
-    path: str = field("", help="input: a file, a folder, a glob such as raw/*.jsonl, or (format hf) a dataset")
-    format: Literal["auto", "txt", "jsonl", "parquet", "hf"] = field("auto", help="auto: by file extension")
-    text_key: str = field("text", help="the field that holds each document's text (jsonl, parquet, hf)")
-    id_key: str = field("id", help="the field that holds a document id; rows without one get file@offset ids")
-    txt_unit: Literal["file", "paragraph", "line"] = field("file", help="what one document is in a .txt file")
-    split: str = field("train", help="the dataset split (format hf)")
-    shard_mb: float = field(32.0, help="cut the input into shards of about this many MB")
-
-    def __post_init__(self):
-        if self.shard_mb <= 0:
-            raise LlmlabError(f"input.shard_mb must be positive, got {self.shard_mb}")
 
 
 @dataclasses.dataclass
@@ -192,9 +100,9 @@ class PipelineConfig:
 
     @staticmethod
     def more_help() -> str:
-        steps = load_steps()
+        steps = {name: methods.entry("data", name).help for name in methods.names("data")}
         width = max(map(len, steps), default=0) + 2
-        rows = [f"  {n:<{width}}{(c.__doc__ or '').strip().splitlines()[0]}" for n, c in sorted(steps.items())]
+        rows = [f"  {n:<{width}}{help_}" for n, help_ in sorted(steps.items())]
         return "\n\nsteps:\n" + "\n".join(rows)
 
 
@@ -276,10 +184,9 @@ def run_map_task(task: dict) -> dict:
 def plan_phases(steps: list[tuple[str, dict]]) -> list[dict]:
     """Consecutive per-document steps form one map phase; each global step is a phase of its own.
     Phase 0 is always a map phase (possibly with no steps), so input is read in parallel."""
-    load_steps()
     phases: list[dict] = []
     for name, options in steps:
-        if STEPS[name].global_:
+        if methods.load("data", name)[1].global_:
             phases.append({"global": True, "steps": [(name, options)]})
         elif phases and not phases[-1]["global"]:
             phases[-1]["steps"].append((name, options))

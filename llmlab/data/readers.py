@@ -10,15 +10,17 @@ Rows that are not valid UTF-8 are counted (`invalid_utf8`) and skipped; every ot
 LlmlabError naming the file and line.
 """
 
+import dataclasses
 import glob
 import io
 import json
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 from llmlab.atomic import atomic_write
+from llmlab.config import field
 from llmlab.errors import LlmlabError
 
 EXTENSIONS = {".jsonl": "jsonl", ".txt": "txt", ".raw": "txt", ".parquet": "parquet"}
@@ -251,3 +253,18 @@ def input_fingerprint(cfg) -> list:
     if cfg.format == "hf":
         return [cfg.path, cfg.split]
     return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in find_inputs(cfg.path, cfg.format)]
+
+
+@dataclasses.dataclass
+class InputConfig:
+    path: str = field("", help="input: a file, a folder, a glob such as raw/*.jsonl, or (format hf) a dataset")
+    format: Literal["auto", "txt", "jsonl", "parquet", "hf"] = field("auto", help="auto: by file extension")
+    text_key: str = field("text", help="the field that holds each document's text (jsonl, parquet, hf)")
+    id_key: str = field("id", help="the field that holds a document id; rows without one get file@offset ids")
+    txt_unit: Literal["file", "paragraph", "line"] = field("file", help="what one document is in a .txt file")
+    split: str = field("train", help="the dataset split (format hf)")
+    shard_mb: float = field(32.0, help="cut the input into shards of about this many MB")
+
+    def __post_init__(self):
+        if self.shard_mb <= 0:
+            raise LlmlabError(f"input.shard_mb must be positive, got {self.shard_mb}")

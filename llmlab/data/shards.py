@@ -25,17 +25,13 @@ A window may span a document boundary, with the EOS between them, as in GPT-styl
 """
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from llmlab.atomic import atomic_dir, atomic_write_json
-from llmlab.config import field
-from llmlab.data.pipeline import InputConfig
 from llmlab.errors import LlmlabError
-from llmlab.runs import RunOptions, start_run
 
 MANIFEST = "manifest.json"
 
@@ -168,36 +164,6 @@ class TokenShards:
 
 
 # ---- the `llmlab data pack` verb ----
-
-@dataclass
-class PackConfig:
-    input: InputConfig = field(default_factory=InputConfig, help="the documents to pack (as in pipeline input)")
-    tokenizer: str = field("", help="a tokenizer folder (e.g. from `llmlab data tokenizer`), model name or hub id")
-    shard_tokens: int = field(1 << 24, help="tokens per shard file")
-    dtype: Literal["auto", "uint16", "uint32"] = field("auto", help="auto: uint16 when the vocabulary fits")
-    max_docs: int | None = field(None, help="pack at most this many documents")
-
-    def __post_init__(self):
-        if not self.input.path:
-            raise LlmlabError("--input.path is required: the documents to tokenize (file, folder or glob)")
-        if not self.tokenizer:
-            raise LlmlabError("--tokenizer is required: a tokenizer folder, a model name or a hub id")
-        if self.shard_tokens < 2:
-            raise LlmlabError(f"--shard-tokens must be at least 2, got {self.shard_tokens}")
-
-
-def pack_verb(cfg: PackConfig, opts: RunOptions) -> dict:
-    from llmlab.data.tokenizer_train import iter_texts
-
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    with start_run("data pack", cfg, opts) as run:
-        manifest = pack_texts(iter_texts(cfg.input, cfg.max_docs), tokenizer, run.artifact("tokens"),
-                              cfg.shard_tokens, cfg.dtype, cfg.tokenizer)
-        summary = run.finish({key: manifest[key] for key in ("total_tokens", "documents", "dtype", "eos_id")}
-                             | {"shards": len(manifest["shards"]), "tokens_dir": str(run.artifact("tokens"))})
-    print(f"{manifest['documents']} documents, {manifest['total_tokens']} tokens ({manifest['dtype']}) in "
-          f"{len(manifest['shards'])} shard(s) -> {run.artifact('tokens')}")
-    return summary
 
 
 __all__ = ["choose_dtype", "pack_ids", "load_tokenizer", "tokenize", "pack_texts", "TokenShards", "PackConfig", "pack_verb"]

@@ -34,10 +34,7 @@ import random
 from dataclasses import dataclass
 from importlib import resources
 
-from llmlab.atomic import atomic_write_jsonl
-from llmlab.config import field
 from llmlab.errors import LlmlabError, closest
-from llmlab.runs import RunOptions, start_run
 
 
 @dataclass(frozen=True)
@@ -179,39 +176,6 @@ def alpaca_message(row: dict) -> str:
 
 
 # ---- the `llmlab data tasks` verb ----
-
-@dataclass
-class TasksConfig:
-    kinds: list[str] = field(["add", "mul", "units", "upper", "reverse", "first", "last"],
-                             help=f"task kinds or groups: {', '.join([*KINDS, *GROUPS])}")
-    train_per_kind: int = field(300, help="training items of each kind")
-    heldout_per_kind: int = field(100, help="held-out items of each kind")
-    seed: int = field(0, help="seed of the sampling; the split does not depend on it")
-    heldout_fraction: float = field(0.2, help="share of each kind's item space reserved for held-out")
-
-    def __post_init__(self):
-        if not self.kinds:
-            raise LlmlabError("--kinds must name at least one task kind, e.g. --kinds add,units")
-        expand_kinds(self.kinds)
-        for key in ("train_per_kind", "heldout_per_kind"):
-            if getattr(self, key) < 1:
-                raise LlmlabError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
-        if not 0 < self.heldout_fraction < 1:
-            raise LlmlabError(f"--heldout-fraction must be between 0 and 1, got {self.heldout_fraction}")
-
-
-def tasks_verb(cfg: TasksConfig, opts: RunOptions) -> dict:
-    kinds = expand_kinds(cfg.kinds)
-    train = make_tasks(kinds, cfg.train_per_kind, cfg.seed, "train", cfg.heldout_fraction)
-    heldout = make_tasks(kinds, cfg.heldout_per_kind, cfg.seed, "heldout", cfg.heldout_fraction)
-    with start_run("data tasks", cfg, opts) as run:
-        atomic_write_jsonl(run.artifact("train.jsonl"), train)
-        atomic_write_jsonl(run.artifact("heldout.jsonl"), heldout)
-        summary = run.finish({"kinds": kinds, "train": len(train), "heldout": len(heldout),
-                              "train_file": str(run.artifact("train.jsonl")),
-                              "heldout_file": str(run.artifact("heldout.jsonl"))})
-    print(f"{len(train)} training and {len(heldout)} held-out items of {', '.join(kinds)} -> {summary['path']}")
-    return summary
 
 
 __all__ = ["Task", "KINDS", "GROUPS", "make_tasks", "split_of", "expand_kinds", "alpaca_message",

@@ -23,17 +23,13 @@ Compression is reported as bytes per token, Σ|utf8(x)| / Σ|tokens(x)| over hel
 language: a tokenizer trained on English alone spends about one token per byte on Chinese.
 """
 
-from dataclasses import dataclass
 from importlib import resources
 from itertools import islice
 from typing import Iterable, Iterator
 
-from llmlab.config import field
-from llmlab.data.pipeline import InputConfig
-from llmlab.data.readers import plan_shards, read_shard
-from llmlab.data.steps.decontaminate import EvalFiles, read_items
+from llmlab.data.readers import InputConfig, plan_shards, read_shard
 from llmlab.errors import LlmlabError
-from llmlab.runs import RunOptions, format_table, start_run
+from llmlab.runs import format_table
 
 KINDS = ("bpe", "wordpiece", "unigram")
 UNK = "<unk>"
@@ -114,54 +110,6 @@ def compression_table(tokenizers: dict, heldout: dict[str, list[str]]) -> tuple[
 
 
 # ---- the `llmlab data tokenizer` verb ----
-
-@dataclass
-class TokenizerConfig:
-    input: InputConfig = field(default_factory=InputConfig, help="the training corpus (as in pipeline input)")
-    kinds: list[str] = field(["bpe"], help=f"tokenizers to train: {', '.join(KINDS)}")
-    vocab_size: int = field(8000, help="vocabulary size, special tokens included")
-    min_frequency: int = field(2, help="BPE/WordPiece: merges seen fewer times are not made")
-    special_tokens: list[str] = field(["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                      help="special tokens; the first is end-of-text (EOS and padding)")
-    max_docs: int | None = field(None, help="train on at most this many documents")
-    heldout: list[dict] = field([], help="held-out text for bytes per token: [{name: en, path, fields}, ...]")
-    heldout_items: int = field(2000, help="items read from each held-out set")
-
-    def __post_init__(self):
-        if not self.input.path:
-            raise LlmlabError("--input.path is required: the text to train on (file, folder or glob)")
-        bad = [k for k in self.kinds if k not in KINDS]
-        if bad or not self.kinds:
-            raise LlmlabError(f"--kinds must name tokenizers from {', '.join(KINDS)}; got {', '.join(bad) or 'none'}")
-        if not self.special_tokens:
-            raise LlmlabError("--special-tokens needs at least the end-of-text token, e.g. <|endoftext|>")
-        if not 256 + len(self.special_tokens) < self.vocab_size <= 1 << 20:  # byte-level BPE starts from 256 bytes
-            raise LlmlabError(f"--vocab-size must exceed 256 + the {len(self.special_tokens)} special tokens and be "
-                              f"at most 2^20, got {self.vocab_size}")
-        for i, entry in enumerate(self.heldout):
-            if not isinstance(entry, dict) or not entry.get("name") or not entry.get("path"):
-                raise LlmlabError(f"heldout[{i}] must be a mapping with a name and a path, e.g. "
-                                  "{name: zh, path: zh.jsonl, fields: [text]}")
-
-
-def tokenizer_verb(cfg: TokenizerConfig, opts: RunOptions) -> dict:
-    heldout = {str(h["name"]): read_items(EvalFiles.from_dict(h))[:cfg.heldout_items] for h in cfg.heldout}
-    with start_run("data tokenizer", cfg, opts) as run:
-        trained, folders = {}, {}
-        for kind in cfg.kinds:
-            texts = iter_texts(cfg.input, cfg.max_docs)
-            trained[kind] = train_tokenizer(texts, kind, cfg.vocab_size, cfg.special_tokens, cfg.min_frequency)
-            folders[kind] = run.artifact(f"tokenizer-{kind}")
-            trained[kind].save_pretrained(folders[kind])
-            run.log_metrics(kind=kind, vocab=len(trained[kind]))
-        table, numbers = compression_table(trained, heldout) if heldout else ("", {})
-        summary = run.finish({"tokenizers": {k: str(v) for k, v in folders.items()},
-                              "vocab": {k: len(t) for k, t in trained.items()}, "bytes_per_token": numbers})
-    if table:
-        print(table)
-    for kind, folder in folders.items():
-        print(f"{kind}: {len(trained[kind])} tokens -> {folder}")
-    return summary
 
 
 __all__ = ["KINDS", "iter_texts", "train_tokenizer", "bytes_per_token", "compression_table",

@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from llmlab.config import field
-from llmlab.distill.losses import shifted
+from llmlab.data.packing import collate, model_inputs
+from llmlab.data.sft import chat_template, encode_chat
 from llmlab.distill.seqkd import complete
 from llmlab.errors import LlmlabError
-from llmlab.finetune.data import chat_template, collate, encode_chat
-from llmlab.finetune.packing import model_inputs
-from llmlab.serve.generate import SamplingConfig, encode
+from llmlab.generation.generate import SamplingConfig, encode
+from llmlab.train.losses import shifted
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -127,3 +127,8 @@ def cot_loss(model, batch: dict):
 def cot_prompt(question: str) -> str:
     """How the trained student is asked at test time: the label task only."""
     return "[label] " + question
+
+
+def make_cot_loss(teacher, tokenizer, cfg: CoTConfig):
+    """The multi-task loss on the rationales and labels that `cot_data` made beforehand."""
+    return cot_loss

@@ -21,13 +21,11 @@ import random
 import torch
 
 from llmlab.config import field
-from llmlab.distill.losses import generalized_jsd, shifted
+from llmlab.data.packing import collate, model_inputs, to_device
 from llmlab.distill.seqkd import Rollout, complete, prompts_of
 from llmlab.errors import LlmlabError
-from llmlab.finetune.data import collate
-from llmlab.finetune.packing import model_inputs
-from llmlab.serve.generate import pad_id
-from llmlab.train.loop import to_device
+from llmlab.generation.generate import pad_id
+from llmlab.train.losses import generalized_jsd, shifted
 
 
 @dataclasses.dataclass

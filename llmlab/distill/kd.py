@@ -13,13 +13,9 @@ the KL w.r.t. the logits scales as 1/τ², §2 of the paper). α = 0 is plain fi
 
 import dataclasses
 
-import torch
-import torch.nn.functional as F
-
 from llmlab.config import field
-from llmlab.distill.losses import forward_kl, shifted
 from llmlab.errors import LlmlabError
-from llmlab.finetune.packing import model_inputs
+from llmlab.train.losses import KDLoss, sft_loss
 
 
 @dataclasses.dataclass
@@ -39,28 +35,16 @@ class CEConfig:
     """Hard labels only: the baseline every distillation method is compared with."""
 
 
-def ce_loss(model, batch: dict):
-    """Summed cross-entropy of the target tokens, and how many there are."""
-    logits, targets, mask = shifted(model(**model_inputs(model, batch)).logits, batch["labels"])
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
-    return loss, int(mask.sum())
-
-
-class KDLoss:
-    """`loss_fn(student, batch)` for llmlab.train.fit; the teacher is held here, outside the optimizer's reach."""
-
-    def __init__(self, teacher, cfg: KDConfig):
-        self.teacher, self.cfg = teacher, cfg
-
-    def __call__(self, model, batch: dict):
-        tau, alpha = self.cfg.temperature, self.cfg.alpha
-        student, targets, mask = shifted(model(**model_inputs(model, batch)).logits, batch["labels"])  # (B, T-1, V)
-        with torch.no_grad():
-            teacher = self.teacher(**model_inputs(self.teacher, batch)).logits[:, :-1]
-        soft = forward_kl(student[mask], teacher[mask], tau) * tau ** 2  # (N,)
-        hard = F.cross_entropy(student[mask].float(), targets[mask], reduction="none") if alpha < 1 else 0.0
-        return (alpha * soft + (1 - alpha) * hard).sum(), int(mask.sum())
+ce_loss = sft_loss  # summed cross-entropy of the target tokens, and how many there are
 
 
 def kd_loss(teacher, cfg: KDConfig) -> KDLoss:
-    return KDLoss(teacher, cfg)
+    return KDLoss(teacher, cfg.temperature, cfg.alpha)
+
+
+def make_ce_loss(teacher, tokenizer, cfg: CEConfig):
+    return sft_loss  # the teacher is not consulted
+
+
+def make_kd_loss(teacher, tokenizer, cfg: KDConfig) -> KDLoss:
+    return kd_loss(teacher, cfg)

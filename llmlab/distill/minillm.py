@@ -36,12 +36,12 @@ from types import SimpleNamespace
 import torch
 
 from llmlab.config import field
+from llmlab.data.packing import model_inputs
 from llmlab.distill.gkd import on_policy_batch
 from llmlab.distill.kd import ce_loss
-from llmlab.distill.losses import log_probs, reverse_kl, shifted
 from llmlab.distill.seqkd import Rollout
 from llmlab.errors import LlmlabError
-from llmlab.finetune.packing import model_inputs
+from llmlab.train.losses import log_probs, reverse_kl, shifted
 
 
 @dataclasses.dataclass

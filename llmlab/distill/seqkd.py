@@ -15,11 +15,10 @@ also how GKD and MiniLLM draw on-policy samples from the student.
 
 import dataclasses
 
-
 from llmlab.config import field
-from llmlab.distill.losses import IGNORE
 from llmlab.errors import LlmlabError
-from llmlab.serve.generate import SamplingConfig, decode, eos_ids, pad_id
+from llmlab.generation.generate import SamplingConfig, decode, eos_ids, pad_id
+from llmlab.train.losses import IGNORE, sft_loss
 
 
 @dataclasses.dataclass
@@ -93,3 +92,8 @@ def seqkd_data(teacher, tokenizer, examples: list[dict], cfg: SeqKDConfig) -> li
         chunk = prompts[start:start + cfg.gen_batch_size]
         out += complete(teacher, tokenizer, chunk, cfg.sampling(cfg.seed + start))
     return out + (list(examples) if cfg.keep_data else [])
+
+
+def make_seqkd_loss(teacher, tokenizer, cfg: SeqKDConfig):
+    """Cross-entropy on the teacher's completions, which `seqkd_data` put in the examples beforehand."""
+    return sft_loss

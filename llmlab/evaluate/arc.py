@@ -24,12 +24,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmlab.atomic import atomic_write_jsonl
-from llmlab.config import field
 from llmlab.data.text import read_jsonl, read_text
-from llmlab.errors import LlmlabError, closest
-from llmlab.evaluate.multiple_choice import STRATEGIES, Item, accuracy, evaluate_items
-from llmlab.runs import RunOptions, start_run
+from llmlab.errors import LlmlabError
+from llmlab.evaluate.multiple_choice import Item, accuracy, evaluate_items
 
 SUBSETS = {"easy": "ARC-Easy", "challenge": "ARC-Challenge"}
 HUB_SPLITS = {"val": "validation"}
@@ -163,55 +160,3 @@ def evaluate_arc(model, tokenizer, data: str, *, subsets: list[str], split: str 
 
 
 # ---- the `llmlab eval arc` verb ----
-
-@dataclass
-class ArcConfig:
-    model: str = field("smollm2-135m", help="model spec: built-in name, folder, .gguf, run folder or hub id")
-    adapter: list[str] = field([], help="adapters to load onto the model, PATH or NAME=PATH; the first is active")
-    data: str = field("allenai/ai2_arc", help="folder with ARC-Easy/ and ARC-Challenge/ (<split>.json or .jsonl) "
-                                              "or hub id")
-    subsets: list[str] = field(["easy", "challenge"], help="easy, challenge or both, comma-separated")
-    split: str = field("test", help="the split to score: train, val or test")
-    num_fewshot: int = field(0, help="solved train questions before each question (lm-eval's default is 0)")
-    limit: int | None = field(None, help="score only the first N questions of each subset (as lm-eval's --limit)")
-    batch_size: int = field(16, help="questions per forward pass")
-    strategy: str = field("packed", help="packed: shared context, packed choices; full: one row per choice")
-    dtype: str = field("fp32", help="fp32, bf16 or fp16")
-    device: str = field("cpu", help="cpu, cuda or auto")
-
-    def __post_init__(self):
-        for s in self.subsets:
-            if s not in SUBSETS:
-                raise LlmlabError(f"unknown ARC subset '{s}'{closest(s, SUBSETS)}; use easy, challenge or both")
-        if not self.subsets:
-            raise LlmlabError("--subsets needs at least one of easy, challenge")
-        if self.num_fewshot < 0:
-            raise LlmlabError(f"--num-fewshot must be 0 or more, got {self.num_fewshot}")
-        for key in ("limit", "batch_size"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise LlmlabError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
-        if self.strategy not in STRATEGIES:
-            raise LlmlabError(f"--strategy must be one of {', '.join(STRATEGIES)}, got '{self.strategy}'")
-
-
-def arc_verb(cfg: ArcConfig, opts: RunOptions) -> dict:
-    from llmlab.models import load_model
-
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    if cfg.adapter:
-        from llmlab.peft.io import load_adapters  # only runs that evaluate adapters need the peft package
-
-        load_adapters(model, cfg.adapter)
-    with start_run("eval arc", cfg, opts) as run:
-        result = evaluate_arc(model, tokenizer, cfg.data, subsets=cfg.subsets, split=cfg.split,
-                              num_fewshot=cfg.num_fewshot, limit=cfg.limit, batch_size=cfg.batch_size,
-                              strategy=cfg.strategy)
-        atomic_write_jsonl(run.artifact("predictions.jsonl"), result.pop("records"))
-        run.log_metrics(**{k: v for k, v in result.items() if k != "subsets"})
-        summary = run.finish({"model": cfg.model, "adapter": cfg.adapter, "data": cfg.data, "split": cfg.split,
-                              "num_fewshot": cfg.num_fewshot, **result})
-    for name, a in result["subsets"].items():
-        print(f"  {name:<14} acc {a['acc']:6.1%}  acc_norm {a['acc_norm']:6.1%}  n {a['n']}")
-    print(f"arc {cfg.num_fewshot}-shot: {result['n']} questions, {result['items_per_s']:.1f} questions/s "
-          f"-> {summary['path']}")
-    return summary

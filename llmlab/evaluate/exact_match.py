@@ -4,7 +4,7 @@ Each alpaca row is asked exactly as supervised fine-tuning trains on it: the use
 instruction, then a blank line and the input if there is one (`alpaca_message`), rendered with
 the tokenizer's chat template and no system message of ours (a template may add its default
 one, as SmolLM2's does, in training too). The reply is generated greedily by llmlab's own loop
-(`llmlab.serve.generate`) and scored
+(`llmlab.generation.generate`) and scored
 
     accuracy = 1/N Σ_i [ norm(reply_i) == norm(output_i) ]
 
@@ -20,18 +20,14 @@ that does not know it, i.e. how much of a fine-tune's gain is format and how muc
 import re
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from llmlab.atomic import atomic_write_jsonl
-from llmlab.config import field
 from llmlab.data.tasks import alpaca_message
 from llmlab.data.text import read_jsonl
 from llmlab.errors import LlmlabError
-from llmlab.runs import RunOptions, start_run
-from llmlab.serve.generate import SamplingConfig, generate
+from llmlab.generation.generate import SamplingConfig, generate
 
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
 _QUOTES = "\"'`“”‘’"
@@ -105,47 +101,3 @@ def read_rows(path: str | Path, limit: int | None = None) -> list[dict]:
 
 
 # ---- the `llmlab eval em` verb ----
-
-@dataclass
-class ExactMatchConfig:
-    model: str = field("smollm2-135m", help="model spec: built-in name, folder, .gguf, run folder or hub id")
-    adapter: str | None = field(None, help="folder of an adapter (HF peft format) to load onto the model")
-    data: str = field("", help="alpaca .jsonl file (instruction, input, output), e.g. heldout.jsonl of `data tasks`")
-    max_new_tokens: int = field(16, help="the most tokens of each answer")
-    batch_size: int = field(16, help="prompts per generation batch")
-    limit: int | None = field(None, help="score only the first N rows")
-    chat: bool = field(True, help="ask through the chat template; false = the raw user message")
-    dtype: str = field("fp32", help="fp32, bf16 or fp16")
-    device: str = field("cpu", help="cpu, cuda or auto")
-
-    def __post_init__(self):
-        for key in ("max_new_tokens", "batch_size"):
-            if getattr(self, key) < 1:
-                raise LlmlabError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
-        if self.limit is not None and self.limit < 1:
-            raise LlmlabError(f"--limit must be at least 1, got {self.limit}")
-
-
-def exact_match_verb(cfg: ExactMatchConfig, opts: RunOptions) -> dict:
-    from llmlab.models import load_model
-
-    if not cfg.data:
-        raise LlmlabError("eval em needs a .jsonl file of alpaca rows: --data FILE (see `llmlab data tasks`)")
-    rows = read_rows(cfg.data, cfg.limit)
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    if cfg.adapter:
-        from llmlab.peft import load_adapter  # only runs that evaluate an adapter need the peft package
-
-        model = load_adapter(model, cfg.adapter)
-    with start_run("eval em", cfg, opts) as run:
-        result = exact_match(model, tokenizer, rows, chat=cfg.chat, max_new_tokens=cfg.max_new_tokens,
-                             batch_size=cfg.batch_size)
-        atomic_write_jsonl(run.artifact("predictions.jsonl"), result.pop("examples"))
-        run.log_metrics(**{k: v for k, v in result.items() if k != "by_kind"})
-        summary = run.finish({"model": cfg.model, "adapter": cfg.adapter, "data": cfg.data, **result})
-    for kind, s in result["by_kind"].items():
-        print(f"  {kind:<10} {s['accuracy']:6.1%}  ({s['correct']}/{s['total']}, "
-              f"contains {s['contains_accuracy']:.1%})")
-    print(f"exact match {result['accuracy']:.1%} ({result['correct']}/{result['total']}), answer contained in "
-          f"{result['contains_accuracy']:.1%} of replies, {result['seconds']:.1f}s -> {summary['path']}")
-    return summary

@@ -19,7 +19,6 @@ anything up to "#### " and one final "." removed, ignoring case.
 
 import re
 import time
-from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -27,12 +26,9 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from llmlab.atomic import atomic_write_jsonl
-from llmlab.config import field
 from llmlab.data.text import read_jsonl
 from llmlab.errors import LlmlabError
-from llmlab.runs import RunOptions, start_run
-from llmlab.serve.generate import SamplingConfig, generate
+from llmlab.generation.generate import SamplingConfig, generate
 
 STOP = ["Q:", "</s>", "<|im_end|>"]
 STRICT = re.compile(r"The answer is (\-?[0-9\.\,]+).")
@@ -150,45 +146,3 @@ def evaluate_gsm8k(model, tokenizer, rows: list[dict], *, num_fewshot: int = 8, 
 
 
 # ---- the `llmlab eval gsm8k` verb ----
-
-@dataclass
-class GSM8KConfig:
-    model: str = field("smollm2-135m", help="model spec: built-in name, folder, .gguf, run folder or hub id")
-    adapter: list[str] = field([], help="adapters to load onto the model, PATH or NAME=PATH; the first is active")
-    data: str = field("openai/gsm8k", help=".jsonl file of {question, answer}, a folder of <split>.jsonl, or hub id")
-    split: str = field("test", help="the split to score (a folder's <split>.jsonl, or the hub's)")
-    num_fewshot: int = field(8, help="chain-of-thought exemplars before each question (0 to 8)")
-    max_new_tokens: int = field(256, help="the most tokens of each reply (lm-eval's max_gen_toks)")
-    limit: int | None = field(None, help="score only the first N questions")
-    batch_size: int = field(8, help="prompts per generation batch")
-    dtype: str = field("fp32", help="fp32, bf16 or fp16")
-    device: str = field("cpu", help="cpu, cuda or auto")
-
-    def __post_init__(self):
-        if not 0 <= self.num_fewshot <= 8:
-            raise LlmlabError(f"--num-fewshot must be 0 to 8 (the exemplars there are), got {self.num_fewshot}")
-        for key in ("max_new_tokens", "batch_size", "limit"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise LlmlabError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
-
-
-def gsm8k_verb(cfg: GSM8KConfig, opts: RunOptions) -> dict:
-    from llmlab.models import load_model
-
-    rows = load_gsm8k(cfg.data, cfg.split)[:cfg.limit]
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    if cfg.adapter:
-        from llmlab.peft.io import load_adapters  # only runs that evaluate adapters need the peft package
-
-        load_adapters(model, cfg.adapter)
-    with start_run("eval gsm8k", cfg, opts) as run:
-        result = evaluate_gsm8k(model, tokenizer, rows, num_fewshot=cfg.num_fewshot,
-                                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-        atomic_write_jsonl(run.artifact("predictions.jsonl"), result.pop("records"))
-        run.log_metrics(**result)
-        summary = run.finish({"model": cfg.model, "adapter": cfg.adapter, "data": cfg.data, "split": cfg.split,
-                              "num_fewshot": cfg.num_fewshot, **result})
-    print(f"gsm8k {cfg.num_fewshot}-shot CoT: strict-match {result['strict_match']:.1%}, flexible-extract "
-          f"{result['flexible_extract']:.1%} over {result['n']} questions ({result['seconds']:.0f}s) "
-          f"-> {summary['path']}")
-    return summary

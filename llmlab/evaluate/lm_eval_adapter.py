@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 from llmlab.errors import LlmlabError
 from llmlab.evaluate.multiple_choice import Question, encode_pair, score_questions
+from llmlab.generation.generate import SamplingConfig, generate
 from llmlab.models import context_length, load_model
-from llmlab.serve.generate import SamplingConfig, generate
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's, for a model that does not say
 

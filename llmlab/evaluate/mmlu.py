@@ -26,12 +26,9 @@ from pathlib import Path
 
 import yaml
 
-from llmlab.atomic import atomic_write_jsonl
-from llmlab.config import field
 from llmlab.data.text import read_text
 from llmlab.errors import LlmlabError, closest
-from llmlab.evaluate.multiple_choice import STRATEGIES, Item, accuracy, evaluate_items
-from llmlab.runs import RunOptions, start_run
+from llmlab.evaluate.multiple_choice import Item, accuracy, evaluate_items
 
 LETTERS = ["A", "B", "C", "D"]
 COLUMNS = ["question", "a", "b", "c", "d", "answer"]
@@ -177,80 +174,3 @@ def summarize(exam: str, records: list[dict]) -> dict:
 
 
 # ---- the `llmlab eval mmlu | cmmlu | ceval` verbs ----
-
-@dataclass
-class MMLUConfig:
-    model: str = field("smollm2-135m", help="model spec: built-in name, folder, .gguf, run folder or hub id")
-    adapter: list[str] = field([], help="adapters to load onto the model, PATH or NAME=PATH; the first is active")
-    data: str = field("cais/mmlu", help="folder in MMLU's layout (dev/, val/, test/ of <subject>_<split>.csv) "
-                                        "or hub id")
-    split: str = field("test", help="the split to score: dev, val or test")
-    subjects: list[str] = field([], help="subjects to score, comma-separated (default: all)")
-    num_fewshot: int = field(5, help="solved examples from dev before each question")
-    limit: int | None = field(None, help="score only the first N questions of each subject (as lm-eval's --limit)")
-    batch_size: int = field(16, help="questions per forward pass")
-    strategy: str = field("packed", help="packed: shared prefix cache + packed choices; full: one row per choice")
-    dtype: str = field("fp32", help="fp32, bf16 or fp16")
-    device: str = field("cpu", help="cpu, cuda or auto")
-
-    exam = "mmlu"
-
-    def __post_init__(self):
-        splits = exams()[self.exam]["splits"]
-        if self.split not in splits:
-            raise LlmlabError(f"--split must be one of {', '.join(splits)}, got '{self.split}'")
-        if self.num_fewshot < 0:
-            raise LlmlabError(f"--num-fewshot must be 0 or more, got {self.num_fewshot}")
-        for key in ("limit", "batch_size"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise LlmlabError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
-        if self.strategy not in STRATEGIES:
-            raise LlmlabError(f"--strategy must be one of {', '.join(STRATEGIES)}, got '{self.strategy}'")
-        check_subjects(self.exam, self.subjects)
-
-
-@dataclass
-class CMMLUConfig(MMLUConfig):
-    data: str = field("haonan-li/cmmlu", help="folder in CMMLU's layout (dev/, test/ of <subject>.csv) or hub id")
-    split: str = field("test", help="the split to score: dev or test")
-
-    exam = "cmmlu"
-
-
-@dataclass
-class CEvalConfig(MMLUConfig):
-    data: str = field("ceval/ceval-exam", help="folder in C-Eval's layout (dev/, val/ of <subject>_<split>.csv) "
-                                               "or hub id")
-    split: str = field("val", help="the split to score: dev or val (C-Eval's test has no answers)")
-
-    exam = "ceval"
-
-
-def exam_verb(cfg: MMLUConfig, opts: RunOptions) -> dict:
-    from llmlab.models import load_model
-
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    if cfg.adapter:
-        from llmlab.peft.io import load_adapters  # only runs that evaluate adapters need the peft package
-
-        load_adapters(model, cfg.adapter)
-    with start_run(f"eval {cfg.exam}", cfg, opts) as run:
-        result = evaluate_exam(model, tokenizer, cfg.exam, cfg.data, split=cfg.split, subjects=cfg.subjects,
-                               num_fewshot=cfg.num_fewshot, limit=cfg.limit, batch_size=cfg.batch_size,
-                               strategy=cfg.strategy)
-        atomic_write_jsonl(run.artifact("predictions.jsonl"), result.pop("records"))
-        run.log_metrics(**{k: v for k, v in result.items() if k not in ("categories", "subjects")})
-        summary = run.finish({"model": cfg.model, "adapter": cfg.adapter, "exam": cfg.exam, "data": cfg.data,
-                              "split": cfg.split, "num_fewshot": cfg.num_fewshot, **result})
-    print_table(result, cfg.exam)
-    print(f"{cfg.exam} {cfg.num_fewshot}-shot: acc {result['acc']:.2%} over {result['n']} questions, "
-          f"subject mean {result['subject_mean']:.2%}, {result['items_per_s']:.1f} questions/s -> {summary['path']}")
-    return summary
-
-
-def print_table(result: dict, exam: str):
-    rows = list(result["subjects"].items()) if len(result["subjects"]) <= 12 else []
-    rows += [(f"[{c}]", a) for c, a in result["categories"].items()]
-    width = max([len(name) for name, _ in rows] + [8])
-    for name, a in rows:
-        print(f"  {name:<{width}}  acc {a['acc']:6.1%}  acc_norm {a['acc_norm']:6.1%}  n {a['n']}")

@@ -11,7 +11,6 @@ Sliding window (`stride < seq_len`, as in the transformers perplexity guide): wi
 `seq_len − stride` tokens of earlier context. This gives lower, fairer numbers for long texts.
 """
 
-import dataclasses
 import math
 import time
 
@@ -19,33 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from llmlab.config import field
-from llmlab.data.text import read_text
 from llmlab.errors import LlmlabError
-from llmlab.models import context_length, load_model
-from llmlab.runs import RunOptions, start_run
-
-
-@dataclasses.dataclass
-class PerplexityConfig:
-    model: str = field("smollm2-135m", help="model spec: built-in name, folder, .gguf, run folder or hub id")
-    data: str = field("", help="UTF-8 text file to score")
-    seq_len: int = field(2048, help="tokens per window")
-    stride: int | None = field(None, help="sliding-window step; default = seq_len (non-overlapping windows)")
-    max_windows: int | None = field(None, help="score only the first N windows")
-    batch_size: int = field(1, help="windows per forward pass (on a CPU, 1 is fastest)")
-    dtype: str = field("fp32", help="fp32, bf16 or fp16")
-    device: str = field("cpu", help="cpu, cuda or auto")
-
-    def __post_init__(self):
-        if self.seq_len < 2:
-            raise LlmlabError(f"--seq-len must be at least 2, got {self.seq_len}")
-        if self.stride is not None and not 0 < self.stride <= self.seq_len:
-            raise LlmlabError(f"--stride must be between 1 and --seq-len ({self.seq_len}), got {self.stride}")
-        if self.max_windows is not None and self.max_windows < 1:
-            raise LlmlabError(f"--max-windows must be at least 1, got {self.max_windows}")
-        if self.batch_size < 1:
-            raise LlmlabError(f"--batch-size must be at least 1, got {self.batch_size}")
+from llmlab.models import context_length
 
 
 def windows(n_tokens: int, seq_len: int, stride: int | None = None) -> list[tuple[int, int, int]]:
@@ -114,18 +88,3 @@ def _batches(spans, batch_size: int):
         batch.append(span)
     if batch:
         yield batch
-
-
-def perplexity_verb(cfg: PerplexityConfig, opts: RunOptions) -> dict:
-    if not cfg.data:
-        raise LlmlabError("eval ppl needs a text file: --data FILE")
-    text = read_text(cfg.data)
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    with start_run("eval ppl", cfg, opts) as run:
-        result = perplexity(model, tokenizer, text, cfg.seq_len, cfg.stride, cfg.max_windows, cfg.batch_size)
-        run.log_metrics(**result)
-        summary = run.finish({"model": cfg.model, "data": cfg.data, "seq_len": cfg.seq_len,
-                              "stride": cfg.stride or cfg.seq_len, "dtype": cfg.dtype, **result})
-    print(f"perplexity {result['ppl']:.4f} over {result['tokens_scored']:,} tokens in {result['windows']} "
-          f"windows of {cfg.seq_len} ({result['tokens_per_s']:,.0f} tokens/s) -> {summary['path']}")
-    return summary

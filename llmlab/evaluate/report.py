@@ -19,13 +19,11 @@ PNGs so that the one file can be mailed or opened anywhere.
 import base64
 import html
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from llmlab.atomic import atomic_write, atomic_write_json
-from llmlab.config import field
 from llmlab.errors import LlmlabError
-from llmlab.runs import Registry, RunOptions, format_table, start_run
+from llmlab.runs import Registry, format_table
 
 # column -> the summary keys that verbs use for it, first found wins
 COLUMNS = {
@@ -39,13 +37,6 @@ COLUMNS = {
 }
 PRODUCER_KNOBS = ("method", "bits", "group_size", "sparsity", "pattern")
 SKIP_VERBS = {"report", "arena"}
-
-
-@dataclass
-class ReportConfig:
-    runs: list[str] = field([], help="run names to compare (default: every finished run in the registry)")
-    verb: str | None = field(None, help="only runs of this verb, e.g. 'eval ppl'")
-    title: str = field("llmlab report", help="title of the report")
 
 
 # ---- gathering ----
@@ -293,11 +284,3 @@ def build_report(rows: list[dict], folder: Path, title: str = "llmlab report") -
     print(format_table(header, body))
     return {"runs": [r["name"] for r in rows], "plots": [p.name for p in plots],
             "markdown": str(folder / "report.md"), "html": str(folder / "report.html")}
-
-
-def report_verb(cfg: ReportConfig, opts: RunOptions) -> dict:
-    rows = gather(Registry(opts.registry), cfg.runs, cfg.verb)
-    with start_run("report", cfg, opts, model="") as run:
-        written = build_report(rows, run.path, cfg.title)
-        print(f"report of {len(rows)} runs -> {written['html']}")
-        return run.finish(written)

@@ -19,30 +19,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llmlab.atomic import atomic_dir
 from llmlab.errors import LlmlabError, closest
 from llmlab.models.builtin import BUILTIN_NAME, builtin_folder
+from llmlab.models.dtypes import DTYPES, resolve_device, resolve_dtype  # noqa: F401  (re-exported)
+from llmlab.models.packed.io import LOWRANK_MARKER, MARKER, load_decomposed, load_quantized
 from llmlab.models.tiny import tiny_configs, tiny_model
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-
-
-def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise LlmlabError(f"unknown dtype '{name}'{closest(name, DTYPES)}; use fp32, bf16 or fp16")
-    return DTYPES[name]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise LlmlabError(f"unknown device '{name}'; use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LlmlabError(f"device '{name}' asked for, but this torch sees no CUDA GPU; use --device cpu")
-    return device
 
 
 def model_names() -> list[str]:
@@ -109,13 +88,9 @@ def _reading(what: str):
 
 def _load_folder(folder: Path, dtype: torch.dtype):
     _check_safetensors(folder)
-    if (folder / "llmlab_quantization.json").is_file():  # packed low-bit weights: rebuilt by llmlab.compress
-        from llmlab.compress.io import load_quantized
-
+    if (folder / MARKER).is_file():  # packed layers (quantized, low-rank, LoRC): rebuilt by models.packed
         return load_quantized(folder, dtype)
-    if (folder / "llmlab_lowrank.json").is_file():  # factored linears: rebuilt by llmlab.compress.lowrank
-        from llmlab.compress.lowrank import load_decomposed
-
+    if (folder / LOWRANK_MARKER).is_file():  # factored linears, as written before the packed folder knew them
         return load_decomposed(folder, dtype)
     with _reading(f"model folder {folder}"):
         tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -9,13 +9,24 @@
 
 from inspect import signature
 
+from llmlab import methods
 from llmlab.config import build
-from llmlab.errors import LlmlabError, closest
-from llmlab.peft import adapter, dora, freeze, ia3, lora, prefix, prompt, ptuning
 from llmlab.peft.adapter import AdapterConfig, apply_adapter
-from llmlab.peft.base import (DEFAULT, Method, active_adapters, adapter_names, delete_adapter, disabled,
-                              mark_trainable, merge, merge_and_unload, print_trainable_parameters,
-                              set_adapter, trainable_parameters, unmerge)
+from llmlab.peft.base import (
+    DEFAULT,
+    active_adapters,
+    adapter_names,
+    delete_adapter,
+    disabled,
+    using_adapter,
+    mark_trainable,
+    merge,
+    merge_and_unload,
+    print_trainable_parameters,
+    set_adapter,
+    trainable_parameters,
+    unmerge,
+)
 from llmlab.peft.dora import DoraConfig, apply_dora
 from llmlab.peft.freeze import FreezeConfig, FullConfig, apply_freeze, apply_full
 from llmlab.peft.ia3 import IA3Config, apply_ia3
@@ -25,38 +36,21 @@ from llmlab.peft.prefix import PrefixConfig, PTuningV2Config, apply_prefix, appl
 from llmlab.peft.prompt import PromptConfig, apply_prompt, ensemble
 from llmlab.peft.ptuning import PTuningConfig, apply_ptuning
 
-# method name -> Method; `llmlab finetune --method NAME` and adapter files dispatch through here
-METHODS: dict[str, Method] = {
-    "lora": lora.METHOD,
-    "dora": dora.METHOD,
-    "ia3": ia3.METHOD,
-    "adapter": adapter.METHOD,
-    "freeze": freeze.FREEZE,
-    "full": freeze.FULL,
-    "prefix": prefix.METHOD,
-    "ptuning2": prefix.METHOD_V2,
-    "prompt": prompt.METHOD,
-    "ptuning": ptuning.METHOD,
-}
-
 
 def apply_method(model, method: str, options: dict | None = None, name: str = DEFAULT, tokenizer=None):
     """apply_<method>(model, Config(**options), name), with the options checked by the Config.
 
     `tokenizer` reaches the methods that read text (prompt tuning initialised from a text).
     """
-    if method not in METHODS:
-        raise LlmlabError(f"unknown fine-tuning method '{method}'{closest(method, METHODS)}; "
-                          f"choose one of {', '.join(METHODS)}")
-    spec = METHODS[method]
-    extra = {"tokenizer": tokenizer} if tokenizer is not None and "tokenizer" in signature(spec.apply).parameters else {}
-    return spec.apply(model, build(spec.config, options or {}, method), name, **extra)
+    cfg_cls, apply, _ = methods.load("finetune", method)
+    extra = {"tokenizer": tokenizer} if tokenizer is not None and "tokenizer" in signature(apply).parameters else {}
+    return apply(model, build(cfg_cls, options or {}, method), name, **extra)
 
 
-__all__ = ["METHODS", "DEFAULT", "apply_method", "LoraConfig", "apply_lora", "DoraConfig", "apply_dora",
+__all__ = ["DEFAULT", "apply_method", "LoraConfig", "apply_lora", "DoraConfig", "apply_dora",
            "IA3Config", "apply_ia3", "AdapterConfig", "apply_adapter",
            "FreezeConfig", "apply_freeze", "FullConfig", "apply_full",
            "PrefixConfig", "apply_prefix", "PTuningV2Config", "apply_ptuning2", "PromptConfig", "apply_prompt",
            "ensemble", "PTuningConfig", "apply_ptuning", "save_adapter", "load_adapter",
            "set_adapter", "active_adapters", "adapter_names", "delete_adapter", "disabled", "merge", "unmerge",
-           "merge_and_unload", "mark_trainable", "trainable_parameters", "print_trainable_parameters"]
+           "merge_and_unload", "using_adapter", "mark_trainable", "trainable_parameters", "print_trainable_parameters"]

@@ -38,8 +38,9 @@ from torch import nn
 
 from llmlab.config import field
 from llmlab.errors import LlmlabError
+from llmlab.models.surgery import linear_shape
 from llmlab.peft.base import DEFAULT, AdapterLayer, Method, mark_trainable, set_adapter
-from llmlab.peft.targets import default_targets, find_targets, linear_shape, wrap_targets
+from llmlab.peft.targets import default_targets, find_targets, wrap_targets
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 

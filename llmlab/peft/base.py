@@ -199,7 +199,7 @@ def merge_and_unload(model: nn.Module, names: list[str] | None = None) -> nn.Mod
 
 
 def _unwrap(model: nn.Module, path: str, module: Adapters):
-    from llmlab.peft.targets import set_module
+    from llmlab.models.surgery import set_module
 
     if isinstance(module, AdapterLayer):
         set_module(model, path, module.base_layer)

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmlab.models.surgery import device_of, linear_shape, set_module
 from llmlab.peft import lora
 from llmlab.peft.base import DEFAULT, AdapterLayer, Method, mark_trainable, set_adapter
 from llmlab.peft.lora import LoRA, LoraConfig, LoraLinear
-from llmlab.peft.targets import (default_targets, device_of, find_targets, linear_shape, read_weight, set_module,
-                                 weight_of)
+from llmlab.peft.targets import default_targets, find_targets, read_weight, weight_of
 
 
 @dataclass

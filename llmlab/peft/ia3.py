@@ -23,9 +23,9 @@ from transformers.pytorch_utils import Conv1D
 
 from llmlab.config import field
 from llmlab.errors import LlmlabError
+from llmlab.models.surgery import device_of, linear_shape, set_module
 from llmlab.peft.base import DEFAULT, AdapterLayer, Method, mark_trainable, set_adapter
-from llmlab.peft.targets import (ALL_LINEAR, default_targets, device_of, find_targets, linear_shape, peft_targets,
-                                 read_targets, set_module, weight_of)
+from llmlab.peft.targets import ALL_LINEAR, default_targets, find_targets, peft_targets, read_targets, weight_of
 
 
 @dataclass

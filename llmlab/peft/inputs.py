@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from llmlab.errors import LlmlabError
+from llmlab.generation.forward import cache_argument
 from llmlab.peft.base import Adapters, adapter_names, mark_trainable, set_adapter
 
 
@@ -105,7 +106,7 @@ class InputAdapters(Adapters):
             # drops them for prompt tuning, which positions a left-padded row as if its pads were tokens;
             # shifting keeps a padded row equal to the row alone, and equals peft whenever there is no padding.
             kwargs["position_ids"] = positions + n
-        cache = kwargs.get(cache_key(kwargs))
+        cache = kwargs.get(cache_key(model, kwargs))
         if cache is None or cache.get_seq_length() == 0:
             self.feed(model, kwargs, self.prompts(names))
         return (), kwargs
@@ -172,10 +173,15 @@ class InputAdapters(Adapters):
         self.adapters[name] = SoftPrompt(adapter.cfg, derived(adapter)).requires_grad_(trainable)
 
 
-def cache_key(kwargs: dict) -> str:
-    """The keyword the caller passes the KV cache by: transformers' generate says `cache` from 5.25 on
-    (and ignores `past_key_values` beside it), older versions and llmlab's decoder `past_key_values`."""
-    return "cache" if kwargs.get("cache") is not None else "past_key_values"
+def cache_key(model, kwargs: dict) -> str:
+    """The keyword the KV cache travels by: the one the caller passed (transformers' generate and llmlab's
+    decoder say `cache` from transformers 5.25 on and ignore `past_key_values` beside it), else the one
+    the model's forward takes."""
+    if kwargs.get("cache") is not None or "past_key_values" not in kwargs and "cache" in kwargs:
+        return "cache"
+    if "past_key_values" in kwargs:
+        return "past_key_values"
+    return cache_argument(type(model))
 
 
 def derived(adapter: nn.Module) -> torch.Tensor:

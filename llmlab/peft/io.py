@@ -13,7 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from llmlab import methods
 from llmlab.atomic import atomic_dir
+from llmlab.config import build
 from llmlab.errors import LlmlabError
 from llmlab.peft.base import AdapterLayer, adapter_method, adapter_modules, mark_trainable, set_adapter
 
@@ -37,6 +39,11 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def peft_method(name: str):
+    """The save/load record (`base.Method`) of a fine-tuning method, from its file."""
+    return methods.attribute("finetune", name, "method")
+
+
 def peft_path(path: str) -> str:
     """The layer's name without the `base_layer` steps of adapters nested in one another (peft has one wrapper)."""
     return ".".join(part for part in path.split(".") if part != "base_layer")
@@ -44,12 +51,10 @@ def peft_path(path: str) -> str:
 
 def save_adapter(model: nn.Module, path: str | Path, name: str = "default"):
     """Write adapter `name` as a peft adapter folder (atomically: all of it or nothing)."""
-    from llmlab.peft import METHODS
-
     if not adapter_modules(model):
         raise LlmlabError("the model has no adapter to save (freeze and full fine-tuning train its own weights): "
                           "save the whole model with llmlab.models.save_model")
-    method = METHODS[adapter_method(model, name)]
+    method = peft_method(adapter_method(model, name))
     cfg = _adapter_config(model, name)
     fields = {"peft_type": method.peft_type or f"LLMLAB_{adapter_method(model, name).upper()}",
               "task_type": "CAUSAL_LM", "inference_mode": True,
@@ -83,29 +88,24 @@ def read_adapter_config(path: str | Path) -> dict:
 
 def config_from_peft(fields: dict):
     """(method name, llmlab Config) for a peft adapter_config.json."""
-    from llmlab.config import build
-    from llmlab.peft import METHODS
-
     peft_type = fields.get("peft_type", "")
-    for name, method in METHODS.items():
+    for name, method in ((n, peft_method(n)) for n in methods.names("finetune")):
         if peft_type == f"LLMLAB_{name.upper()}":
             return name, build(method.config, fields.get("llmlab_config", {}), "llmlab_config")
         if method.peft_type == peft_type and method.from_peft:
             cfg = method.from_peft(fields)
             if cfg is not None:
                 return name, cfg
-    known = sorted({m.peft_type for m in METHODS.values() if m.peft_type})
+    known = sorted({m.peft_type for m in map(peft_method, methods.names("finetune")) if m.peft_type})
     raise LlmlabError(f"adapter type '{peft_type}' is not supported; llmlab reads {', '.join(known)}")
 
 
 def load_adapter(model: nn.Module, path: str | Path, name: str = "default",
                  trainable: bool = False) -> nn.Module:
     """Add the adapter at `path` to `model` under `name` and make it the active one."""
-    from llmlab.peft import METHODS
-
     fields = read_adapter_config(path)
     method_name, cfg = config_from_peft(fields)
-    METHODS[method_name].apply(model, cfg, name)
+    peft_method(method_name).apply(model, cfg, name)
     for _, module in adapter_modules(model):
         if name in module.adapters and hasattr(module, "bake"):
             module.bake(name)  # files hold the derived prompt (peft's inference form), not its encoder

@@ -20,8 +20,9 @@ from transformers.pytorch_utils import Conv1D
 
 from llmlab.config import field
 from llmlab.errors import LlmlabError
+from llmlab.models.surgery import linear_shape
 from llmlab.peft.base import DEFAULT, AdapterLayer, Method, mark_trainable, set_adapter
-from llmlab.peft.targets import linear_shape, peft_targets, read_targets, weight_of, wrap_targets
+from llmlab.peft.targets import peft_targets, read_targets, weight_of, wrap_targets
 
 
 @dataclass

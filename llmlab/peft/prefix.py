@@ -93,7 +93,7 @@ class PrefixAdapters(InputAdapters):
         dtype = model.get_input_embeddings().weight.dtype
         kv = prompts.to(dtype).view(B, n, 2 * self.layers, self.heads, self.head_dim)
         kv = kv.permute(2, 0, 3, 1, 4)  # (2L, B, heads, n, head_dim): layer l's keys at 2l, values at 2l+1
-        key = cache_key(kwargs)
+        key = cache_key(model, kwargs)
         cache = kwargs.get(key)
         if cache is None:
             kwargs[key] = DynamicCache(list(zip(kv[0::2], kv[1::2])))

@@ -9,13 +9,12 @@ every linear layer except the output head. Defaults per architecture live in tar
 import re
 from functools import cache
 from importlib import resources
-from itertools import chain
 
 import yaml
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from llmlab.errors import LlmlabError
+from llmlab.models.surgery import device_of, innermost, is_linear, is_quantized, linear_weight, set_module
 
 ALL_LINEAR = "all-linear"
 MERGE_QUANTIZED = ("merge_and_unload needs a float base; dequantize first: this adapter sits on a quantized layer, "
@@ -52,37 +51,20 @@ def read_targets(fields: dict) -> tuple[list[str], str | None]:
     return sorted(targets), None
 
 
-def is_linear(module: nn.Module) -> bool:
-    """nn.Linear, GPT-2's Conv1D (a linear layer with its weight stored transposed), or a quantized linear."""
-    return isinstance(module, (nn.Linear, Conv1D)) or is_quantized(module)
-
-
-def is_quantized(module: nn.Module) -> bool:
-    """A quantized linear layer (llmlab.compress's QuantizedLinear, e.g. NF4 for QLoRA), known by its
-    `dequantized_weight` method: peft must not import compress, which depends on it."""
-    return callable(getattr(type(module), "dequantized_weight", None))
-
-
 def weight_of(module: nn.Module):
     """The (out_features, in_features) weight of a linear layer (or of the one an adapter wraps), for either
     storage order; a view, so writing to it writes the layer's weight. A quantized layer has none to write
     (merging into it would need re-quantizing): LlmlabError."""
-    module = _innermost(module)
+    module = innermost(module)
     if is_quantized(module):
         raise LlmlabError(MERGE_QUANTIZED)
-    return module.weight.T if isinstance(module, Conv1D) else module.weight
+    return linear_weight(module)
 
 
 def read_weight(module: nn.Module):
     """The (out, in) weight the layer multiplies by, for reading: dequantized (a new tensor) if quantized."""
-    module = _innermost(module)
+    module = innermost(module)
     return module.dequantized_weight() if is_quantized(module) else weight_of(module)
-
-
-def device_of(module: nn.Module):
-    """Where the (innermost) layer's tensors live; a quantized layer may hold only buffers."""
-    module = _innermost(module)
-    return next(chain(module.parameters(), module.buffers())).device
 
 
 def matches(name: str, targets: list[str], regex: str | None = None) -> bool:
@@ -111,15 +93,9 @@ def find_targets(model: nn.Module, targets: list[str], regex: str | None = None,
 
 def _candidates(model: nn.Module, kind):
     for name, module in model.named_modules():
-        base = _innermost(module)
+        base = innermost(module)
         if kind(base) and not name.endswith("base_layer") and not _inside_wrapper(name):
             yield name, module
-
-
-def _innermost(module: nn.Module) -> nn.Module:
-    while hasattr(module, "base_layer"):
-        module = module.base_layer
-    return module
 
 
 def _inside_wrapper(name: str) -> bool:
@@ -138,21 +114,6 @@ def _short_names(model: nn.Module, kind) -> list[str]:
     for name, _ in _candidates(model, kind):
         seen.setdefault(name.rsplit(".", 1)[-1], None)
     return list(seen)
-
-
-def set_module(model: nn.Module, name: str, module: nn.Module):
-    """Replace the submodule called `name` (dotted) with `module`."""
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-def linear_shape(layer: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of an nn.Linear, a Conv1D or a quantized linear."""
-    layer = _innermost(layer)
-    if is_quantized(layer):
-        return layer.in_features, layer.out_features
-    out_features, in_features = weight_of(layer).shape
-    return in_features, out_features
 
 
 def wrap_targets(model: nn.Module, cfg, name: str, wrapper: type, make, table: str = "lora") -> list[str]:

@@ -28,9 +28,16 @@ from tqdm.auto import tqdm
 
 from llmlab.atomic import atomic_write_jsonl
 from llmlab.config import field
+from llmlab.data.packing import to_device
 from llmlab.errors import LlmlabError
-from llmlab.train.checkpoint import (checkpoint_name, latest_checkpoint, load_checkpoint, prune_checkpoints,
-                                     restore_rng, save_checkpoint)
+from llmlab.train.checkpoint import (
+    checkpoint_name,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    restore_rng,
+    save_checkpoint,
+)
 from llmlab.train.schedule import lr_at
 
 log = logging.getLogger("llmlab")
@@ -244,12 +251,6 @@ def frozen_linears_to_bf16(model) -> int:
             module.to(torch.bfloat16)
             cast += 1
     return cast
-
-
-def to_device(batch, device):
-    if isinstance(batch, dict):
-        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    return batch.to(device) if torch.is_tensor(batch) else batch
 
 
 def fit(model, loss_fn, train_data, cfg: TrainConfig, *, collate, eval_data=None, run=None,

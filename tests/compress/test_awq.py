@@ -6,10 +6,10 @@ import torch
 
 from llmlab.compress.awq import AWQConfig, Tie, _fold, apply_awq_scales, quantize_awq, scaling_groups, search_scale
 from llmlab.compress.calibrate import InputStats, calibration_data
-from llmlab.compress.qlinear import QuantLinear, quantized_linears
-from llmlab.compress.quant import QuantSpec, fake_quantize
 from llmlab.errors import LlmlabError
 from llmlab.models import decoder_layers, load_model
+from llmlab.models.packed.qlinear import QuantLinear, quantized_linears
+from llmlab.models.packed.quant import QuantSpec, fake_quantize
 
 TEXT = "Activation-aware scaling protects the weights that meet the largest activations. " * 40
 

@@ -2,10 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from llmlab.compress.calibrate import InputStats, calibrate_layers, calibration_data, layers_prefix, linears_of, \
-    observe, set_module
+from llmlab.compress.calibrate import InputStats, calibrate_layers, calibration_data, layers_prefix, linears_of, observe
 from llmlab.errors import LlmlabError
 from llmlab.models import decoder_layers, load_model
+from llmlab.models.surgery import set_module
 
 TEXT = "Calibration text: the scaffold feeds each decoder layer the outputs of the one before. " * 40
 

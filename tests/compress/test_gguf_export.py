@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from llmlab.compress.gguf_export import (ExportConfig, export_gguf, export_verb, permute, q8_0_grid, q8_0_linears)
+from llmlab.compress.gguf_export import export_gguf, permute, q8_0_grid, q8_0_linears
 from llmlab.compress.nf4 import NF4Config, quantize_nf4
-from llmlab.compress.qlinear import QuantLinear, quantized_linears
 from llmlab.errors import LlmlabError
 from llmlab.models import load_model
+from llmlab.models.packed.qlinear import QuantLinear, quantized_linears
 from llmlab.peft import apply_lora
 from llmlab.runs import RunOptions
+from llmlab.stages.export import ExportConfig, export_verb
 
 IDS = torch.tensor([[5, 80, 81, 82, 90, 100, 258, 44, 45]])
 TEXT = "Hello wörld <|im_start|>user\nhi<|im_end|> 123"
@@ -96,7 +97,7 @@ def test_q8_0_grid_is_bit_exact_with_gguf():
 
 
 def _spec():
-    from llmlab.compress.quant import QuantSpec
+    from llmlab.models.packed.quant import QuantSpec
 
     return QuantSpec(bits=8, group_size=32, symmetric=True)
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from llmlab.compress.gptq import GPTQConfig, gptq, quantize_gptq
-from llmlab.compress.qlinear import QuantLinear, quantized_linears
-from llmlab.compress.quant import QuantSpec, fake_quantize, fit_grid, quantize_column
 from llmlab.errors import LlmlabError
+from llmlab.models.packed.qlinear import QuantLinear, quantized_linears
+from llmlab.models.packed.quant import QuantSpec, fake_quantize, fit_grid, quantize_column
 
 
 def correlated_inputs(n=512, d=64, seed=0):

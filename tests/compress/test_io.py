@@ -6,12 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llmlab.compress import io
-from llmlab.compress.io import MARKER, WEIGHTS, load_quantized, save_quantized
-from llmlab.compress.qlinear import QuantLinear, quantized_linears
 from llmlab.compress.rtn import RTNConfig, quantize_rtn
 from llmlab.errors import LlmlabError
 from llmlab.models import load_model, save_model
+from llmlab.models.packed import io
+from llmlab.models.packed.io import MARKER, WEIGHTS, load_quantized, save_quantized
+from llmlab.models.packed.qlinear import QuantLinear, quantized_linears
 
 IDS = torch.tensor([[5, 70, 300, 12, 99, 255, 1, 42, 7, 128, 64, 3]])
 

@@ -2,12 +2,13 @@ import pytest
 import torch
 from torch import nn
 
-from llmlab.compress.io import load_quantized, save_quantized
-from llmlab.compress.llm_int8 import LLMInt8Config, LLMInt8Linear, quantize_llm_int8
-from llmlab.compress.qlinear import quantized_linears
+from llmlab.compress.llm_int8 import LLMInt8Config, quantize_llm_int8
 from llmlab.errors import LlmlabError
 from llmlab.models import load_model
 from llmlab.models.layers import decoder_layers
+from llmlab.models.packed.io import load_quantized, save_quantized
+from llmlab.models.packed.qlinear import quantized_linears
+from llmlab.models.packed.w8a8 import LLMInt8Linear
 
 OUTLIERS = [3, 17]
 

@@ -3,8 +3,17 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from llmlab.compress.llm_pruner import (LLMPrunerConfig, _layer_params, group_importance, layer_dims,
-                                        lora_importance, n_params, plan, prune_llm_pruner, pruned_layers)
+from llmlab.compress.llm_pruner import (
+    LLMPrunerConfig,
+    _layer_params,
+    group_importance,
+    layer_dims,
+    lora_importance,
+    n_params,
+    plan,
+    prune_llm_pruner,
+    pruned_layers,
+)
 from llmlab.errors import LlmlabError
 from llmlab.models import load_model, save_model
 from llmlab.models.layers import decoder_layers
@@ -146,7 +155,7 @@ def test_skipped_layers_make_a_llmlab_llama_that_saves_reloads_and_generates(tmp
     greedy = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
     cached = model.generate(X[:1], use_cache=True, **greedy)
     assert torch.equal(cached, model.generate(X[:1], use_cache=False, **greedy))
-    from llmlab.serve.generate import SamplingConfig, encode, generate
+    from llmlab.generation.generate import SamplingConfig, encode, generate
 
     prompt = torch.tensor([encode(tok, "hello", chat=False)])  # llmlab's own cached decoding, greedy
     expected = model.generate(prompt, use_cache=False, max_new_tokens=4, min_new_tokens=4, do_sample=False)

@@ -7,14 +7,15 @@ from torch import nn
 
 from llmlab.compress import quantize_model
 from llmlab.compress.calibrate import observe
-from llmlab.compress.io import MARKER as QUANT_MARKER
-from llmlab.compress.io import save_quantized
-from llmlab.compress.lowrank import (MARKER, DecomposeConfig, LoRCLinear, LowRankConfig, LowRankLinear, add_lorc,
-                                     decompose, decompose_verb, factorize, load_decomposed, lowrank_linear,
-                                     save_decomposed)
-from llmlab.compress.qlinear import QuantizedLinear, quantized_linears
+from llmlab.compress.lowrank import LowRankConfig, add_lorc, decompose, factorize, lowrank_linear
 from llmlab.errors import LlmlabError
 from llmlab.models import load_model
+from llmlab.models.packed.io import LOWRANK_MARKER as MARKER
+from llmlab.models.packed.io import MARKER as QUANT_MARKER
+from llmlab.models.packed.io import load_decomposed, save_decomposed, save_quantized
+from llmlab.models.packed.lowrank import LoRCLinear, LowRankLinear
+from llmlab.models.packed.qlinear import QuantizedLinear, quantized_linears
+from llmlab.stages.decompose import DecomposeConfig, decompose_verb
 
 G = torch.Generator().manual_seed(0)
 W = torch.randn(24, 40, generator=G)

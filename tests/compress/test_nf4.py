@@ -7,12 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmlab.compress import quantize_model
-from llmlab.compress.io import load_quantized, save_quantized
-from llmlab.compress.nf4 import (DYNAMIC, NF4, NF4Config, NF4Linear, bits_per_parameter, dequantize_blockwise,
-                                 quantize_nf4)
-from llmlab.compress.qlinear import quantized_linears
+from llmlab.compress.nf4 import NF4Config, bits_per_parameter, quantize_nf4
 from llmlab.errors import LlmlabError
 from llmlab.models import load_model
+from llmlab.models.packed.io import load_quantized, save_quantized
+from llmlab.models.packed.nf4 import DYNAMIC, NF4, NF4Linear, dequantize_blockwise
+from llmlab.models.packed.qlinear import quantized_linears
 
 # QLoRA, Appendix E ("NormalFloat 4-bit data type"): the exact values of the data type
 PAPER_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,

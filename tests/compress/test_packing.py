@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from llmlab.compress.packing import pack, packed_width, unpack
 from llmlab.errors import LlmlabError
+from llmlab.models.packed.bitpack import pack, packed_width, unpack
 
 
 def test_layouts_by_hand():

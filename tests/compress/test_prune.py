@@ -5,21 +5,17 @@ import json
 import pytest
 import torch
 
-from llmlab.cli import STAGES, main
-from llmlab.compress import prune as prune_module
-from llmlab.compress.prune import PRUNE_METHODS, PruneConfig, PruneEntry, prune_method, prune_model, prune_verb
+from llmlab import methods
+from llmlab.cli import main
+from llmlab.stages import prune as prune_module
+from llmlab.compress.prune import prune_method, prune_model
 from llmlab.compress.sparsity import sparsity_report
 from llmlab.errors import LlmlabError
 from llmlab.models import load_model
 from llmlab.runs import Registry, RunOptions
+from llmlab.stages.prune import PruneConfig, prune_verb
 
 TEXT = "The cat sat on the mat. A dog ran after a red ball in the park. " * 40
-
-
-@pytest.fixture(autouse=True)
-def _prune_verb(monkeypatch):
-    """The lead adds the row to cli.STAGES; until then the tests add it themselves."""
-    monkeypatch.setitem(STAGES, "prune", ("llmlab.compress.prune", "prune_verb", "PruneConfig", [], "prune a model"))
 
 
 def _error(capsys) -> str:
@@ -53,7 +49,7 @@ def test_prune_then_eval_generate_and_quantize(capsys, tmp_path):
     assert main(["quantize", "--model", "P", "--method", "rtn", "--bits", "4", "--group-size", "32",
                  "--out", "Q", "--json"]) == 0
     assert _summary(capsys)["quantized_layers"] == 14
-    from llmlab.compress.qlinear import quantized_linears
+    from llmlab.models.packed.qlinear import quantized_linears
 
     quantized, _ = load_model(tmp_path / "Q")
     w = quantized_linears(quantized)["model.layers.0.self_attn.q_proj"].dequantized_weight()
@@ -123,11 +119,15 @@ def test_the_verb_function_raises_before_writing(tmp_path, options, message):
 
 
 def test_a_missing_method_file_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(PRUNE_METHODS, "ghost", PruneEntry("ghost_pruner", "GhostConfig", "prune_ghost", True, "ratio"))
+    ghost = methods.Entry("llmlab.compress.ghost_pruner", "GhostConfig", "prune_ghost", "", True, {"sparsity_key": "ratio"})
+    monkeypatch.setitem(methods.TABLE["prune"], "ghost", ghost)
     with pytest.raises(LlmlabError, match=r"pruning method 'ghost' is not available in this llmlab "
                                           r"\(no llmlab/compress/ghost_pruner.py\)"):
         prune_method("ghost")
-    assert PRUNE_METHODS["llm_pruner"] == ("llm_pruner", "LLMPrunerConfig", "prune_llm_pruner", True, "ratio")
+    llm_pruner = methods.entry("prune", "llm_pruner")
+    assert (llm_pruner.module, llm_pruner.config, llm_pruner.function, llm_pruner.needs_calib,
+            llm_pruner.extra["sparsity_key"]) == ("llmlab.compress.llm_pruner", "LLMPrunerConfig", "prune_llm_pruner",
+                                                  True, "ratio")
 
 
 def test_pattern_does_not_apply_to_llm_pruner(capsys):

@@ -9,16 +9,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmlab.compress.qat import (DistillLoss, FakeQuantLinear, QATConfig, QATSpec, collate, convert_qat,
-                                 frozen_copy, generate_data, kd_loss, prepare_qat, qat_verb, quantize_qat,
-                                 training_data)
-from llmlab.compress.qlinear import QuantLinear
-from llmlab.compress.quant import QuantSpec, dequantize, fake_quantize, fit_grid, quantize
+from llmlab.compress.qat import (
+    FakeQuantLinear,
+    QATConfig,
+    QATSpec,
+    collate,
+    convert_qat,
+    frozen_copy,
+    generate_data,
+    prepare_qat,
+    quantize_qat,
+    training_data,
+)
 from llmlab.config import build
 from llmlab.errors import LlmlabError
 from llmlab.models import load_model
+from llmlab.models.packed.qlinear import QuantLinear
+from llmlab.models.packed.quant import QuantSpec, dequantize, fake_quantize, fit_grid, quantize
 from llmlab.runs import RunOptions
+from llmlab.stages.qat import qat_verb
 from llmlab.train.loop import evaluate, fit
+from llmlab.train.losses import SoftTargetLoss, soft_cross_entropy
 
 
 def _linear(n_in=64, n_out=32, bias=True, seed=0) -> nn.Linear:
@@ -140,6 +151,10 @@ def test_generated_data_follows_the_first_tokens_rule():
         assert torch.equal(greedy[:, 1:], model(greedy).logits.argmax(-1)[:, :-1])
 
 
+def kd_loss(student_logits, teacher_logits):
+    return soft_cross_entropy(student_logits, teacher_logits).sum()  # LLM-QAT's loss, summed over positions
+
+
 def test_kd_loss_is_the_soft_cross_entropy():
     s, t = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
     expected = sum(-(t[b, i].softmax(-1) * s[b, i].log_softmax(-1)).sum() for b in range(2) for i in range(3))
@@ -154,7 +169,7 @@ def test_llm_qat_distillation_reduces_the_kd_loss():
     data = list(generate_data(model, tokenizer, 32, 32, seed=0))
     teacher = frozen_copy(model)
     prepare_qat(model, QATSpec(bits=2, group_size=32))
-    loss = DistillLoss(teacher)
+    loss = SoftTargetLoss(teacher)
     entropy = evaluate(teacher, loss, data, 8, collate, contextlib.nullcontext)
     before = evaluate(model, loss, data, 8, collate, contextlib.nullcontext)
     cfg = build(QATConfig, {"train": {"lr": 3e-4, "max_steps": 40, "batch_size": 8, "warmup_steps": 0}}).train

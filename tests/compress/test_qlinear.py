@@ -6,8 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from llmlab.compress.qlinear import QUANTIZED, QuantLinear, quantized_linears
-from llmlab.compress.quant import QuantSpec, fit_grid, quantize
+from llmlab.models.packed.io import LAYERS as QUANTIZED
+from llmlab.models.packed.qlinear import QuantLinear, quantized_linears
+from llmlab.models.packed.quant import QuantSpec, fit_grid, quantize
 
 
 def _layer(spec, out_features=64, in_features=256, bias=True, seed=0):

@@ -5,9 +5,17 @@ import logging
 import pytest
 import torch
 
-from llmlab.compress.quant import (EPS, QuantSpec, dequantize, fake_quantize, fit_grid, quantize, quantize_column,
-                                   suggest_group_size)
 from llmlab.errors import LlmlabError
+from llmlab.models.packed.quant import (
+    EPS,
+    QuantSpec,
+    dequantize,
+    fake_quantize,
+    fit_grid,
+    quantize,
+    quantize_column,
+    suggest_group_size,
+)
 
 
 def test_asymmetric_two_bit_row_by_hand():

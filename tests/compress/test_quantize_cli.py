@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from llmlab.cli import main
-from llmlab.compress import get_method, quantize_model
-from llmlab.compress.qlinear import quantized_linears
+from llmlab.compress import quantize_model
+from llmlab.compress.quantize import get_method
 from llmlab.errors import LlmlabError
 from llmlab.models import load_model
+from llmlab.models.packed.qlinear import quantized_linears
 from llmlab.runs import Registry
 
 TEXT = "The cat sat on the mat. A dog ran after a red ball in the park. " * 40
@@ -78,7 +79,7 @@ def test_quantizing_a_quantized_folder_is_refused(capsys):
 
 
 def test_lorc_and_a_decomposed_folder_through_the_verb(capsys, tmp_path):
-    from llmlab.compress.lowrank import LoRCLinear, LowRankLinear
+    from llmlab.models.packed.lowrank import LoRCLinear, LowRankLinear
 
     assert main(["quantize", "--model", "tiny-llama", "--bits", "4", "--group-size", "32", "--lorc-rank", "4",
                  "--out", "L", "--json"]) == 0

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from llmlab.compress.qlinear import QuantLinear, quantized_linears
-from llmlab.compress.quant import fake_quantize
 from llmlab.compress.rtn import RTNConfig, quantize_rtn
 from llmlab.errors import LlmlabError
 from llmlab.models import load_model
+from llmlab.models.packed.qlinear import QuantLinear, quantized_linears
+from llmlab.models.packed.quant import fake_quantize
 
 IDS = torch.tensor([[5, 70, 300, 12, 99, 255, 1, 42]])
 
@@ -105,7 +105,7 @@ def test_bad_configs(kwargs, message):
 
 
 def test_lm_head_option_quantizes_an_untied_output_layer(tmp_path):
-    from llmlab.compress.io import save_quantized
+    from llmlab.models.packed.io import save_quantized
 
     model, tokenizer = load_model("tiny-llama")
     embedding = model.model.embed_tokens.weight

@@ -4,12 +4,19 @@ import pytest
 import torch
 from torch import nn
 
-from llmlab.compress.io import load_quantized, save_quantized
-from llmlab.compress.qlinear import quantized_linears
-from llmlab.compress.smoothquant import (SmoothQuantConfig, W8A8Linear, activation_absmax, fold, quantize_smoothquant,
-                                         smooth_model, smoothing_scales)
+from llmlab.compress.smoothquant import (
+    SmoothQuantConfig,
+    activation_absmax,
+    fold,
+    quantize_smoothquant,
+    smooth_model,
+    smoothing_scales,
+)
 from llmlab.errors import LlmlabError
 from llmlab.models import load_model
+from llmlab.models.packed.io import load_quantized, save_quantized
+from llmlab.models.packed.qlinear import quantized_linears
+from llmlab.models.packed.w8a8 import W8A8Linear
 
 IDS = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
 

@@ -3,8 +3,16 @@
 import pytest
 import torch
 
-from llmlab.compress.sparsity import PruneSpec, check_model, matrix_mask, n_pruned, nm_mask, prune_targets, \
-    row_mask, sparsity_report
+from llmlab.compress.sparsity import (
+    PruneSpec,
+    check_model,
+    matrix_mask,
+    n_pruned,
+    nm_mask,
+    prune_targets,
+    row_mask,
+    sparsity_report,
+)
 from llmlab.errors import LlmlabError
 
 

@@ -2,12 +2,12 @@ import pytest
 import torch
 from torch import nn
 
-from llmlab.compress.io import load_quantized, save_quantized
-from llmlab.compress.qlinear import quantized_linears
-from llmlab.compress.smoothquant import W8A8Linear
 from llmlab.compress.zeroquant import ZeroQuantConfig, quantize_zeroquant
 from llmlab.errors import LlmlabError
 from llmlab.models import load_model
+from llmlab.models.packed.io import load_quantized, save_quantized
+from llmlab.models.packed.qlinear import quantized_linears
+from llmlab.models.packed.w8a8 import W8A8Linear
 
 IDS = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
 

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from llmlab.data.pipeline import StepLog, make_step
+from llmlab.data.pipeline import make_step
+from llmlab.data.steps.base import StepLog
 from llmlab.data.steps.decontaminate import ContaminationIndex, EvalFiles, build_index, read_items
 from llmlab.errors import LlmlabError
 from tests.conftest import SHARED_DATA

@@ -1,4 +1,5 @@
-from llmlab.data.pipeline import StepLog, make_step
+from llmlab.data.pipeline import make_step
+from llmlab.data.steps.base import StepLog
 from llmlab.data.steps.exact_dedup import exact_duplicates, normalize, words
 
 

@@ -3,7 +3,8 @@ from collections import Counter
 
 import pytest
 
-from llmlab.data.pipeline import StepLog, make_step
+from llmlab.data.pipeline import make_step
+from llmlab.data.steps.base import StepLog
 from llmlab.data.steps.language import identify
 from llmlab.errors import LlmlabError
 

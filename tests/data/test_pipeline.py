@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from llmlab import methods
 from llmlab.config import build
 from llmlab.data import pipeline, readers
-from llmlab.data.pipeline import PipelineConfig, Step, StepLog, register, run_pipeline
+from llmlab.data.pipeline import PipelineConfig, run_pipeline
+from llmlab.data.steps.base import Step, StepLog, register
 from llmlab.errors import LlmlabError
 from llmlab.runs import RunOptions
 
@@ -124,7 +126,7 @@ def failing_step(tmp_path):
 
     flag.touch()
     yield seen, flag
-    pipeline.STEPS.pop("_fail_once")
+    methods.TABLE["data"].pop("_fail_once")
 
 
 def test_resume_skips_finished_shards(tmp_path, failing_step):
@@ -252,8 +254,8 @@ def test_example_pipeline_yaml_is_valid():
 
 
 def test_output_tokenizer_packs_the_kept_documents_for_training(tmp_path):
+    from llmlab.data.sft import load_sft_data
     from llmlab.data.shards import TokenShards
-    from llmlab.finetune.data import load_sft_data
     from llmlab.models.tiny import byte_tokenizer
 
     summary = run(config(tmp_path, output={"shard_docs": 7, "tokenizer": "tiny-llama", "shard_tokens": 500}),

@@ -3,8 +3,9 @@ from collections import Counter
 
 import pytest
 
-from llmlab.data.pipeline import StepLog, make_step
+from llmlab.data.pipeline import make_step
 from llmlab.data.steps import quality as q
+from llmlab.data.steps.base import StepLog
 
 EN = """The river town grew slowly during the nineteenth century, and its people learned to live with the seasons.
 Farmers brought grain to the mill each autumn, while traders arrived by boat with cloth, salt and iron tools.

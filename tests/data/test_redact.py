@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from llmlab.data.pipeline import StepLog, make_step
+from llmlab.data.pipeline import make_step
+from llmlab.data.steps.base import StepLog
 from llmlab.data.steps.redact import TYPES, cn_id_ok, evaluate, find_pii, luhn_ok, redact
 from llmlab.errors import LlmlabError
 

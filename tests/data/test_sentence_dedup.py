@@ -1,6 +1,7 @@
 import pytest
 
-from llmlab.data.pipeline import StepLog, make_step
+from llmlab.data.pipeline import make_step
+from llmlab.data.steps.base import StepLog
 from llmlab.data.steps.sentence_dedup import SentenceDeduper, split_sentences
 from llmlab.errors import LlmlabError
 

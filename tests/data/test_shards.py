@@ -3,10 +3,11 @@ import json
 import numpy as np
 import pytest
 
-from llmlab.data.pipeline import InputConfig
-from llmlab.data.shards import PackConfig, TokenShards, choose_dtype, pack_ids, pack_texts, pack_verb
+from llmlab.data.readers import InputConfig
+from llmlab.data.shards import TokenShards, choose_dtype, pack_ids, pack_texts
 from llmlab.errors import LlmlabError
 from llmlab.runs import RunOptions
+from llmlab.stages.data import PackConfig, pack_verb
 
 EOS = 9
 DOCS = [[1, 2, 3], [4], [5, 6, 7, 8, 1, 2], [], [3, 3]]
@@ -95,7 +96,6 @@ def test_pack_texts_and_the_verb(tmp_path):
 def test_cli_smoke(tmp_path, monkeypatch, capsys):
     from llmlab import cli
 
-    monkeypatch.setitem(cli.STAGES, "data pack", ("llmlab.data.shards", "pack_verb", "PackConfig", [], "pack"))
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"body": f"document {i}"}) + "\n" for i in range(10)), encoding="utf-8")
     code = cli.main(["data", "pack", "--input.path", str(corpus), "--input.text-key", "body",

@@ -112,7 +112,7 @@ def test_alpaca_message_joins_instruction_and_input():
 
 
 def test_alpaca_message_is_the_user_turn_sft_trains_on():
-    data = pytest.importorskip("llmlab.finetune.data")
+    data = pytest.importorskip("llmlab.data.sft")
     for row in make_tasks(["all"], 3, seed=0) + [{"instruction": "Hi.", "input": " "}]:
         row = {"output": "x", **row}
         assert data.to_messages(row, "alpaca", "row")[0] == {"role": "user", "content": alpaca_message(row)}

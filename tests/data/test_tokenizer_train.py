@@ -3,12 +3,13 @@ import random
 
 import pytest
 
-from llmlab.data.pipeline import InputConfig
+from llmlab.data.readers import InputConfig
 from llmlab.data.shards import load_tokenizer
 from llmlab.data.tasks import words
-from llmlab.data.tokenizer_train import TokenizerConfig, bytes_per_token, tokenizer_verb, train_tokenizer
+from llmlab.data.tokenizer_train import bytes_per_token, train_tokenizer
 from llmlab.errors import LlmlabError
 from llmlab.runs import RunOptions
+from llmlab.stages.data import TokenizerConfig, tokenizer_verb
 
 HANZI = "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可也你说年"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -81,8 +82,6 @@ def test_tokenizer_verb(tmp_path, capsys):
 def test_cli_smoke(tmp_path, monkeypatch, capsys):
     from llmlab import cli
 
-    monkeypatch.setitem(cli.STAGES, "data tokenizer",
-                        ("llmlab.data.tokenizer_train", "tokenizer_verb", "TokenizerConfig", [], "tokenizer"))
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n\n".join(_corpus(0, 100)[0]), encoding="utf-8")
     code = cli.main(["data", "tokenizer", "--input.path", str(corpus), "--input.txt-unit", "paragraph",

@@ -2,8 +2,8 @@
 
 import torch
 
+from llmlab.data.packing import IGNORE, collate
 from llmlab.distill.student import drop_layers
-from llmlab.finetune.data import IGNORE, collate
 from llmlab.models import load_model
 
 TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer " * 4

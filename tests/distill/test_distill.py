@@ -3,10 +3,11 @@ import json
 import pytest
 
 from llmlab import cli
-from llmlab.distill.distill import DistillConfig, text_windows
+from llmlab.distill.distill import text_windows
 from llmlab.errors import LlmlabError
 from llmlab.models import load_model, save_model
 from llmlab.models.tiny import byte_tokenizer
+from llmlab.stages.distill import DistillConfig
 from tests.distill.helpers import TEXT
 
 ROW = ("llmlab.distill.distill", "distill_verb", "DistillConfig", [], "knowledge distillation")

@@ -5,8 +5,8 @@ import torch
 
 from llmlab.distill.gkd import GKDConfig, gkd_loss, on_policy_batch
 from llmlab.distill.kd import KDConfig, kd_loss
-from llmlab.distill.losses import generalized_jsd
 from llmlab.errors import LlmlabError
+from llmlab.train.losses import generalized_jsd
 from tests.distill.helpers import batch, pair
 
 

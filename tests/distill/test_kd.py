@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from llmlab.distill.kd import KDConfig, ce_loss, kd_loss
 from llmlab.errors import LlmlabError
-from llmlab.finetune.sft import sft_loss
+from llmlab.train.losses import sft_loss
 from tests.distill.helpers import batch, pair
 
 
@@ -64,7 +64,7 @@ def test_temperature_squared_keeps_the_gradient_scale():
     norms = []
     for tau in (10.0, 40.0):
         z = s.clone().requires_grad_()
-        from llmlab.distill.losses import forward_kl
+        from llmlab.train.losses import forward_kl
 
         (forward_kl(z, t, tau) * tau ** 2).sum().backward()
         norms.append(float(z.grad.norm()))

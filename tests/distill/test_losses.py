@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from llmlab.distill.losses import forward_kl, generalized_jsd, reverse_kl
+from llmlab.train.losses import forward_kl, generalized_jsd, reverse_kl
 
 
 def logits(seed, shape=(2, 3, 7)):

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from llmlab.distill.losses import reverse_kl
 from llmlab.distill.minillm import MiniLLMConfig, MixedPolicy, future_rewards, minillm_loss
 from llmlab.errors import LlmlabError
+from llmlab.train.losses import reverse_kl
 from tests.distill.helpers import batch, grads, pair
 
 

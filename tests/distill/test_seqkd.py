@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from llmlab.data.packing import IGNORE
 from llmlab.distill.seqkd import SeqKDConfig, prompt_of, prompts_of, seqkd_data
 from llmlab.errors import LlmlabError
-from llmlab.finetune.data import IGNORE
 from tests.distill.helpers import batch, pair
 
 

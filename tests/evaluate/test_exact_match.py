@@ -8,7 +8,7 @@ import llmlab.evaluate.exact_match as em
 from llmlab.cli import main
 from llmlab.errors import LlmlabError
 from llmlab.evaluate.exact_match import contains, exact_match, is_correct, normalise, read_rows
-from llmlab.serve.generate import SamplingConfig, generate
+from llmlab.generation.generate import SamplingConfig, generate
 
 ROWS = [{"instruction": "What is 47 + 385?", "input": "", "output": "432", "kind": "add"},
         {"instruction": "Write this word in capital letters.", "input": "plant", "output": "PLANT", "kind": "upper"},

@@ -6,10 +6,10 @@ import pytest
 
 from llmlab.cli import main
 from llmlab.errors import LlmlabError
+from llmlab.evaluate.mmlu import Row, evaluate_exam, load_subject, question_text, read_csv, subject_items, summarize
 from llmlab.evaluate.multiple_choice import _groups, encode_items
-from llmlab.evaluate.mmlu import (MMLUConfig, Row, evaluate_exam, load_subject, question_text, read_csv,
-                                  subject_items, summarize)
 from llmlab.models import load_model, save_model
+from llmlab.stages.evaluate import MMLUConfig
 from tests.conftest import SHARED_DATA
 
 LAYOUT = {"mmlu": ("{split}/{subject}_{split}.csv", None),
@@ -127,7 +127,7 @@ def test_missing_split_subject_and_examples_are_clear_errors(tmp_path):
     with pytest.raises(LlmlabError, match=r"6-shot needs 6 solved examples but the few-shot split has 5"):
         evaluate_exam(None, None, "mmlu", str(data), split="val", subjects=["anatomy"], num_fewshot=6)
     with pytest.raises(LlmlabError, match="--split must be one of dev, test"):
-        from llmlab.evaluate.mmlu import CMMLUConfig
+        from llmlab.stages.evaluate import CMMLUConfig
         CMMLUConfig(split="val")
 
 

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
+from llmlab.data.packing import IGNORE
+from llmlab.data.sft import chat_template, encode_chat, load_sft_data, read_rows
 from llmlab.errors import LlmlabError
-from llmlab.finetune.data import IGNORE, chat_template, encode_chat, load_sft_data, read_rows
 from llmlab.models.tiny import byte_tokenizer
 
 END = "<|im_end|>"  # the tiny tokenizer's EOS and ChatML's end of turn

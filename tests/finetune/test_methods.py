@@ -1,4 +1,4 @@
-"""Every method in METHODS trains through `llmlab finetune`, and what the run saves carries the learning.
+"""Every fine-tuning method in llmlab.methods trains through `llmlab finetune`, and what the run saves carries the learning.
 
 The saved artifact (an adapter folder, or the whole model for freeze/full) is loaded afresh onto
 the base model; its SFT loss on the training rows must be below the untrained model's.
@@ -9,12 +9,15 @@ import json
 import pytest
 import torch
 
-from llmlab.finetune.data import collate, load_sft_data
-from llmlab.finetune.sft import FinetuneConfig, finetune, sft_loss
+from llmlab import methods
 from llmlab.config import build
+from llmlab.data.packing import collate
+from llmlab.data.sft import load_sft_data
 from llmlab.models import load_model
-from llmlab.peft import METHODS, load_adapter
+from llmlab.peft import load_adapter
 from llmlab.runs import RunOptions
+from llmlab.stages.finetune import FinetuneConfig, finetune
+from llmlab.train.losses import sft_loss
 
 ROWS = [{"instruction": f"Spell {w} backwards", "input": "", "output": w[::-1]}
         for w in ["apple", "river", "stone", "cloud", "green", "table", "music", "light"]]
@@ -28,7 +31,7 @@ def _loss(model, tokenizer, path) -> float:
     return loss.item() / n
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", methods.names("finetune"))
 def test_every_method_learns_and_its_saved_result_reloads(tmp_path, method):
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))

@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from llmlab.finetune.data import collate
-from llmlab.finetune.packing import block_causal_mask, model_inputs, pack, packing_mode
-from llmlab.finetune.sft import sft_loss
+from llmlab.data.packing import block_causal_mask, collate, model_inputs, pack, packing_mode
 from llmlab.models import load_model
+from llmlab.train.losses import sft_loss
 
 LENGTHS = [7, 12, 5, 9, 3, 11]
 

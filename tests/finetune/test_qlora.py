@@ -9,14 +9,23 @@ import pytest
 import torch
 
 from llmlab.cli import main
-from llmlab.compress.io import save_quantized
-from llmlab.compress.nf4 import NF4Linear, quantize_nf4
-from llmlab.compress.qlinear import QuantLinear, quantized_linears
+from llmlab.compress.nf4 import quantize_nf4
 from llmlab.compress.rtn import RTNConfig, quantize_rtn
 from llmlab.errors import LlmlabError
 from llmlab.models import load_model
-from llmlab.peft import (DoraConfig, IA3Config, LoraConfig, apply_dora, apply_ia3, apply_lora, load_adapter,
-                         merge_and_unload)
+from llmlab.models.packed.io import save_quantized
+from llmlab.models.packed.nf4 import NF4Linear
+from llmlab.models.packed.qlinear import QuantLinear, quantized_linears
+from llmlab.peft import (
+    DoraConfig,
+    IA3Config,
+    LoraConfig,
+    apply_dora,
+    apply_ia3,
+    apply_lora,
+    load_adapter,
+    merge_and_unload,
+)
 from llmlab.peft.lora import LoraLinear
 
 ROWS = [{"instruction": f"Repeat the word {w}", "input": "", "output": f"{w} {w} {w}"}

@@ -100,7 +100,7 @@ def test_merge_without_an_adapter_is_a_clear_error(capsys):
 
 @pytest.mark.slow
 def test_builtin_model_learns_only_its_replies_and_finetunes_with_lora(builtin_model, data, capsys):
-    from llmlab.finetune.data import chat_template, encode_chat
+    from llmlab.data.sft import chat_template, encode_chat
 
     _, tok = builtin_model
     conversation = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},

@@ -85,6 +85,6 @@ def stepwise_greedy(model, prompt: list[int], n: int) -> list[int]:
 
 def llmlab_generate(model, prompts: list[list[int]], n: int) -> list[list[int]]:
     """llmlab's greedy decoding loop over a left-padded batch; new ids up to EOS."""
-    from llmlab.serve.generate import SamplingConfig, decode
+    from llmlab.generation.generate import SamplingConfig, decode
 
     return decode(model, prompts, SamplingConfig(max_new_tokens=n), [model.generation_config.eos_token_id], 0)

@@ -4,9 +4,9 @@ import functools
 
 import torch
 
-from llmlab.finetune.data import collate
-from llmlab.finetune.sft import sft_loss
+from llmlab.data.packing import collate
 from llmlab.models import load_model
+from llmlab.train.losses import sft_loss
 
 SENTENCES = ["the cat sat on the mat", "a dog ran in the park", "birds sing at dawn", "rain falls on the roof",
              "she reads a long book", "we walk to the river", "the sun is warm today", "he plays the old piano",

@@ -124,10 +124,10 @@ def test_bf16_autocast_keeps_fp32_master_weights_and_checkpointing_gives_the_sam
 def test_frozen_linears_in_bf16_give_the_same_autocast_numbers():
     import copy
 
-    from llmlab.finetune.sft import sft_loss
     from llmlab.models import load_model
     from llmlab.peft import LoraConfig, apply_lora
     from llmlab.train.loop import frozen_linears_to_bf16
+    from llmlab.train.losses import sft_loss
 
     torch.manual_seed(0)
     model, _ = load_model("tiny-llama")

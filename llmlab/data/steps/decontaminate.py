@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Iterator, Literal
 
 from llmlab.config import field
-from llmlab.data.pipeline import Step, StepLog, register
+from llmlab.data.steps.base import Step, StepLog
 from llmlab.data.steps.exact_dedup import words
 from llmlab.errors import LlmlabError, closest
 
@@ -182,7 +182,6 @@ class DecontaminateConfig:
         return [EvalFiles.from_dict(b) for b in self.benchmarks]
 
 
-@register
 class Decontaminate(Step):
     """Drop or flag documents sharing an n-gram with an evaluation item; reasons name the benchmark."""
     name = "decontaminate"

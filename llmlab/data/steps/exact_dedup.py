@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from llmlab.config import field
-from llmlab.data.pipeline import Step, StepLog, register
+from llmlab.data.steps.base import Step, StepLog
 
 _SPACE = re.compile(r"\s+")
 # Chinese and Japanese are written without spaces: each ideograph or kana is one token, as in
@@ -60,7 +60,6 @@ class ExactDedupConfig:
     strip_punctuation: bool = field(False, help="ignore punctuation when comparing texts")
 
 
-@register
 class ExactDedup(Step):
     """Drop every document whose normalised text equals an earlier document's."""
     name = "exact_dedup"

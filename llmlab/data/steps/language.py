@@ -14,10 +14,9 @@ whose language is not in `languages` (reason `language_not_allowed`) or whose co
 
 import functools
 from dataclasses import dataclass
-from typing import Iterator
 
 from llmlab.config import field
-from llmlab.data.pipeline import Step, StepLog, register
+from llmlab.data.steps.base import Filter
 from llmlab.errors import LlmlabError, closest
 
 
@@ -53,20 +52,16 @@ class LanguageConfig:
                                   f"{closest(code, labels)}; use ISO 639-1 codes such as en, zh, de")
 
 
-@register
-class Language(Step):
+class Language(Filter):
     """Tag each document with its language and confidence; keep the allowed languages above the threshold."""
     name = "language"
     Config = LanguageConfig
 
-    def process(self, docs: Iterator[dict], log: StepLog) -> Iterator[dict]:
-        allowed = set(self.cfg.languages)
-        for doc in docs:
-            lang, score = identify(doc["text"], self.cfg.max_chars)
-            doc["language"], doc["language_score"] = lang, round(score, 4)
-            if allowed and lang not in allowed:
-                log.drop(doc, "language_not_allowed")
-            elif score < self.cfg.threshold:
-                log.drop(doc, "language_low_score")
-            else:
-                yield doc
+    def filter(self, doc: dict):
+        lang, score = identify(doc["text"], self.cfg.max_chars)
+        doc["language"], doc["language_score"] = lang, round(score, 4)
+        if self.cfg.languages and lang not in self.cfg.languages:
+            return False, "language_not_allowed"
+        if score < self.cfg.threshold:
+            return False, "language_low_score"
+        return True

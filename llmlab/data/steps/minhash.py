@@ -40,7 +40,7 @@ from typing import Iterator, Literal
 import numpy as np
 
 from llmlab.config import field
-from llmlab.data.pipeline import Step, StepLog, register
+from llmlab.data.steps.base import Step, StepLog
 from llmlab.data.steps.exact_dedup import normalize, words
 from llmlab.errors import LlmlabError
 
@@ -318,7 +318,6 @@ def minhash_duplicates(texts: list[str], cfg: MinhashDedupConfig | None = None) 
     return cluster_first(len(texts), near_duplicate_pairs(texts, cfg))
 
 
-@register
 class MinhashDedup(Step):
     """Keep the first document of each MinHash-LSH near-duplicate cluster."""
     name = "minhash_dedup"

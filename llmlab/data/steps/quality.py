@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 from llmlab.config import field
-from llmlab.data.pipeline import Step, StepLog, register
+from llmlab.data.steps.base import Filter, Step, StepLog
 from llmlab.errors import LlmlabError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -123,19 +123,14 @@ def gopher_quality(text: str, lang: str, cfg: GopherQualityConfig) -> Iterator[s
         yield "gopher_stop_words"
 
 
-@register
-class GopherQuality(Step):
+class GopherQuality(Filter):
     """Gopher's quality rules: word counts and lengths, symbols, bullets, ellipses, alphabetic words, stop words."""
     name = "gopher_quality"
     Config = GopherQualityConfig
 
-    def process(self, docs: Iterator[dict], log: StepLog) -> Iterator[dict]:
-        for doc in docs:
-            reason = next(gopher_quality(doc["text"], text_lang(doc, self.cfg.lang), self.cfg), None)
-            if reason:
-                log.drop(doc, reason)
-            else:
-                yield doc
+    def filter(self, doc: dict):
+        reason = next(gopher_quality(doc["text"], text_lang(doc, self.cfg.lang), self.cfg), None)
+        return (False, reason) if reason else True
 
 
 # ---- Gopher repetition ----
@@ -214,19 +209,14 @@ def gopher_repetition(text: str, lang: str, cfg: GopherRepetitionConfig) -> Iter
             return
 
 
-@register
-class GopherRepetition(Step):
+class GopherRepetition(Filter):
     """Gopher's repetition rules: duplicate lines and paragraphs, top n-grams, duplicated n-grams."""
     name = "gopher_repetition"
     Config = GopherRepetitionConfig
 
-    def process(self, docs: Iterator[dict], log: StepLog) -> Iterator[dict]:
-        for doc in docs:
-            reason = next(gopher_repetition(doc["text"], text_lang(doc, self.cfg.lang), self.cfg), None)
-            if reason:
-                log.drop(doc, reason)
-            else:
-                yield doc
+    def filter(self, doc: dict):
+        reason = next(gopher_repetition(doc["text"], text_lang(doc, self.cfg.lang), self.cfg), None)
+        return (False, reason) if reason else True
 
 
 # ---- C4 ----
@@ -274,7 +264,6 @@ def c4_clean(text: str, lang: str, cfg: C4RulesConfig, changes: Counter) -> tupl
     return cleaned, None
 
 
-@register
 class C4Rules(Step):
     """C4's rules: keep punctuated lines of 5+ words, drop lorem ipsum, code and pages under 3 sentences."""
     name = "c4_rules"
@@ -316,8 +305,7 @@ def blocklist_pattern(terms) -> re.Pattern:
     return re.compile("|".join(parts) or r"(?!x)x", re.IGNORECASE)
 
 
-@register
-class Blocklist(Step):
+class Blocklist(Filter):
     """Drop documents that contain blocked words or phrases (word-boundary matches; substrings for CJK)."""
     name = "blocklist"
     Config = BlocklistConfig
@@ -327,11 +315,7 @@ class Blocklist(Step):
         files = cfg.files or ([] if cfg.words else ["blocklist_en.txt", "blocklist_zh.txt"])
         self.pattern = blocklist_pattern([*cfg.words, *(w for f in files for w in word_list(f))])
 
-    def process(self, docs: Iterator[dict], log: StepLog) -> Iterator[dict]:
-        for doc in docs:
-            text = doc["text"]
-            hits = len(self.pattern.findall(text)) if self.cfg.min_hits > 1 else int(bool(self.pattern.search(text)))
-            if hits >= self.cfg.min_hits:
-                log.drop(doc, "blocklist")
-            else:
-                yield doc
+    def filter(self, doc: dict) -> bool:
+        text = doc["text"]
+        hits = len(self.pattern.findall(text)) if self.cfg.min_hits > 1 else int(bool(self.pattern.search(text)))
+        return hits < self.cfg.min_hits  # dropped under the step's name, "blocklist"

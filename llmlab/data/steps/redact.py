@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from llmlab.config import field
-from llmlab.data.pipeline import Step, StepLog, register
+from llmlab.data.steps.base import Step, StepLog
 from llmlab.errors import LlmlabError, closest
 
 TYPES = ("URL_CREDENTIALS", "EMAIL", "CN_ID", "CREDIT_CARD", "SSN", "PHONE", "IP")  # priority order
@@ -151,7 +151,6 @@ class RedactConfig:
                 raise LlmlabError(f"redact_pii.types: unknown type '{t}'{closest(t, TYPES)}; known: {', '.join(TYPES)}")
 
 
-@register
 class RedactPII(Step):
     """Replace emails, phones, IPs, card numbers, national IDs and URL credentials with <TYPE> placeholders."""
     name = "redact_pii"

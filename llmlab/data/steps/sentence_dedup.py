@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Iterator, Literal
 
 from llmlab.config import field
-from llmlab.data.pipeline import Step, StepLog, register
+from llmlab.data.steps.base import Step, StepLog
 from llmlab.data.steps.exact_dedup import normalize
 from llmlab.errors import LlmlabError
 
@@ -91,7 +91,6 @@ class SentenceDedupConfig:
             raise LlmlabError("sentence_dedup.min_chars and min_doc_chars must be 0 or more")
 
 
-@register
 class SentenceDedup(Step):
     """Strike sentence spans that occurred in an earlier document; drop documents left too short."""
     name = "sentence_dedup"

@@ -33,8 +33,8 @@ from typing import Iterator
 import numpy as np
 
 from llmlab.config import field
-from llmlab.data.pipeline import Step, StepLog, register
 from llmlab.data.shards import load_tokenizer
+from llmlab.data.steps.base import Step, StepLog
 from llmlab.errors import LlmlabError
 
 
@@ -193,7 +193,6 @@ def dedup_substrings(texts: list[str], cfg: SubstringDedupConfig | None = None) 
     return [codec.strike(t, offsets, m) if m.any() else t for t, (_, offsets), m in zip(texts, encoded, masks)]
 
 
-@register
 class SubstringDedup(Step):
     """Strike repeated spans of ≥ min_len tokens (suffix array), then drop documents left too short."""
     name = "substring_dedup"

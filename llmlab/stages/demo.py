@@ -9,13 +9,13 @@ import sys
 import time
 from importlib import resources
 
+from llmlab.atomic import atomic_write_jsonl
 from llmlab.config import field
 from llmlab.data.text import read_text
 from llmlab.evaluate.perplexity import perplexity
+from llmlab.generation.generate import SamplingConfig, encode, generate_batch
 from llmlab.models import load_model
-from llmlab.atomic import atomic_write_jsonl
 from llmlab.runs import RunOptions, start_run
-from llmlab.serve.generate import SamplingConfig, encode, generate_batch
 
 
 @dataclasses.dataclass

@@ -4,16 +4,20 @@ import json
 
 import pytest
 import torch
-from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                                                    TopKLogitsWarper, TopPLogitsWarper)
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from llmlab.cli import main
 from llmlab.errors import LlmlabError
+from llmlab.generation import sampling
+from llmlab.generation.beam import beam_search
+from llmlab.generation.generate import SamplingConfig, TextTracker, decode, encode, eos_ids, generate, pad_id, unescape
 from llmlab.models import load_model
-from llmlab.serve import sampling
-from llmlab.serve.beam import beam_search
-from llmlab.serve.generate import (GenerateConfig, SamplingConfig, TextTracker, decode, encode, eos_ids, generate,
-                                   pad_id, read_prompts, unescape)
+from llmlab.stages.generate import GenerateConfig, read_prompts
 
 PROMPTS = ["The quick brown fox jumps over", "x", "Hello there, how are"]  # different lengths: left padding
 
@@ -295,6 +299,7 @@ def _random_lora(path, seed):
 
 
 def test_generate_switches_adapter_per_prompt(tmp_path, capsys):
+    from llmlab.peft import using_adapter
     from llmlab.peft.io import load_adapters
 
     _random_lora(tmp_path / "a", 1)
@@ -309,7 +314,10 @@ def test_generate_switches_adapter_per_prompt(tmp_path, capsys):
     model, tok = load_model("tiny-llama")
     load_adapters(model, [f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"])
     cfg = SamplingConfig(max_new_tokens=6)
-    expected = [generate(model, tok, "hello", cfg, chat=True, adapter=name) for name in ("b", "a", "base")]
+    expected = []
+    for name in ("b", "a", "base"):
+        with using_adapter(model, name):
+            expected.append(generate(model, tok, "hello", cfg, chat=True))
     assert outputs == expected
     assert len(set(expected)) == 3  # the three really differ, so the switch is what is being tested
 

@@ -1,7 +1,7 @@
 """llmlab's own decoding loop: prefill a left-padded batch once, then one token per step from a KV cache.
 
-The model is any transformers causal LM; only its forward pass is used, with `past_key_values`
-(a `DynamicCache`) carrying the keys and values of everything seen so far, so each step feeds one
+The model is any transformers causal LM; only its forward pass is used, with its cache argument
+(a `DynamicCache`, passed as `cache` or `past_key_values`: see forward.py) carrying the keys and values of everything seen so far, so each step feeds one
 new token per sequence. transformers' `model.generate` is the oracle in the tests and the peer in
 `benchmarks/bench_generate.py`.
 
@@ -11,23 +11,16 @@ batch; the attention mask hides the pads and the position ids count real tokens 
 so a padded prompt sees exactly what it would see alone.
 """
 
-import functools
-import inspect
 import re
-import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from llmlab.atomic import atomic_write_jsonl
 from llmlab.config import field
-from llmlab.data.text import read_jsonl, read_text
 from llmlab.errors import LlmlabError
-from llmlab.models import context_length, load_model
-from llmlab.runs import start_run
-from llmlab.serve import sampling
+from llmlab.generation import sampling
+from llmlab.generation.beam import beam_search
+from llmlab.generation.forward import forward_step, room
 
 
 @dataclass
@@ -64,26 +57,6 @@ class SamplingConfig:
 
 
 @dataclass
-class GenerateConfig(SamplingConfig):
-    model: str = field("smollm2-135m", help="model: built-in name, folder, .gguf file or run folder")
-    dtype: str = field("fp32", help="fp32, bf16 or fp16")
-    device: str = field("cpu", help="cpu, cuda, cuda:N or auto")
-    prompt: str | None = field(None, help="one prompt")
-    prompts: str | None = field(None, help="a file of prompts: .txt one per line, or .jsonl with a 'prompt' field")
-    chat: bool = field(True, help="wrap each prompt as a user message with the chat template; false = raw text")
-    system: str | None = field(None, help="system message for chat prompts")
-    batch_size: int = field(8, help="prompts per forward pass")
-    adapter: list[str] = field([], help="adapters to load onto the model, PATH or NAME=PATH, comma-separated; "
-                                        "the first is active, a .jsonl prompt's 'adapter' field picks another "
-                                        "(or 'base' for none)")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.batch_size < 1:
-            raise LlmlabError(f"batch_size must be at least 1, got {self.batch_size}")
-
-
-@dataclass
 class Generation:
     text: str
     new_tokens: int
@@ -92,18 +65,11 @@ class Generation:
 # ---- the Python API ----
 
 def generate(model, tokenizer, prompts: str | list[str], cfg: SamplingConfig | None = None, *,
-             chat: bool = False, system: str | None = None, batch_size: int = 8, on_text=None,
-             adapter: str | None = None):
+             chat: bool = False, system: str | None = None, batch_size: int = 8, on_text=None):
     """The new text for each prompt (a str for a str). `on_text(piece)` streams a single prompt's reply.
 
-    `adapter` names the loaded adapter to use for this call ("base" for none; default: as set).
+    With several adapters loaded, pick one for a call with `llmlab.peft.using_adapter(model, name)`.
     """
-    if adapter is not None:
-        from llmlab.peft.base import using_adapter
-
-        with using_adapter(model, adapter):
-            return generate(model, tokenizer, prompts, cfg, chat=chat, system=system,
-                            batch_size=batch_size, on_text=on_text)
     cfg = cfg or SamplingConfig()
     single = isinstance(prompts, str)
     items = [prompts] if single else list(prompts)
@@ -133,8 +99,6 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], cfg: SamplingConf
     """Generate for prompts given as token ids, all in one batch (beam search: one prompt at a time)."""
     eos = [] if cfg.ignore_eos else eos_ids(model, tokenizer)
     if cfg.num_beams > 1:
-        from llmlab.serve.beam import beam_search
-
         out = []
         for ids in prompts:
             new = beam_search(model, ids, cfg, eos)
@@ -205,28 +169,6 @@ def decode(model, prompts: list[list[int]], cfg: SamplingConfig, eos: list[int],
         step_mask = full_mask[:, :T + step + 1] if padded else None
         logits, cache = forward_step(model, token[:, None], step_mask, positions, cache)
     return [_cut(row, eos, stop) for row, stop in zip(out[:, :step + 1].tolist(), stop_at)]
-
-
-def room(model, prompt_len: int, wanted: int) -> int:
-    """How many of the `wanted` new tokens fit in the model's context after the prompt."""
-    ctx = context_length(model)
-    if ctx is not None and prompt_len >= ctx:
-        raise LlmlabError(f"the prompt has {prompt_len} tokens but the model's context holds only {ctx}")
-    return wanted if ctx is None else min(wanted, ctx - prompt_len)
-
-
-def forward_step(model, ids, mask, positions, cache):
-    """Logits of the last position (B, V) and the updated cache."""
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                use_cache=True, **_keep_last(type(model)))
-    return out.logits[:, -1], out.past_key_values
-
-
-@functools.cache
-def _keep_last(model_class) -> dict:
-    """Ask for the last position's logits only, where the model can: the prompt's are never used."""
-    accepts = "logits_to_keep" in inspect.signature(model_class.forward).parameters
-    return {"logits_to_keep": 1} if accepts else {}
 
 
 def _left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -330,107 +272,8 @@ def _held(text: str, stops: list[str]) -> int:
 
 # ---- the `llmlab generate` verb ----
 
-def generate_verb(cfg: GenerateConfig, opts) -> dict:
-    prompts, wanted = read_prompts(cfg)
-    cfg.stop = unescape(cfg.stop)
-    model, tokenizer = load_model(cfg.model, cfg.dtype, cfg.device)
-    names = _load_adapters(model, cfg.adapter, wanted, cfg.prompts)
-    ids = [encode(tokenizer, p, chat=cfg.chat, system=cfg.system) for p in prompts]
-    with start_run("generate", cfg, opts) as run:
-        start = time.perf_counter()
-        results = _per_adapter(model, tokenizer, ids, [w or (names[0] if names else None) for w in wanted], cfg)
-        seconds = time.perf_counter() - start
-        if len(prompts) > 1:
-            for i, (p, g) in enumerate(zip(prompts, results), 1):
-                print(f"--- {i}: {_short(p)}\n{g.text}", flush=True)
-        rows = [{"prompt": p, "output": g.text, "new_tokens": g.new_tokens} for p, g in zip(prompts, results)]
-        atomic_write_jsonl(run.artifact("generations.jsonl"), rows)
-        new_tokens = sum(g.new_tokens for g in results)
-        summary = {"prompts": len(prompts), "new_tokens": new_tokens, "seconds": round(seconds, 3),
-                   "tokens_per_s": round(new_tokens / max(seconds, 1e-9), 2)}
-        if len(prompts) == 1:
-            summary["output"] = results[0].text
-        return run.finish(summary)
-
-
-def _load_adapters(model, specs: list[str], wanted: list[str | None], source) -> list[str]:
-    names = []
-    if specs:
-        from llmlab.peft.io import load_adapters
-
-        names = load_adapters(model, specs)
-    for number, name in enumerate(wanted, 1):
-        if name is not None and name != "base" and name not in names:
-            raise LlmlabError(f"{source}:{number}: adapter '{name}' is not loaded; load it with "
-                              f"--adapter {name}=PATH (loaded: {', '.join(names) or 'none'})")
-    return names
-
-
-def _per_adapter(model, tokenizer, ids, adapters: list[str | None], cfg) -> list[Generation]:
-    """Generate each adapter's prompts with that adapter switched on: one base model serves them all."""
-    if set(adapters) == {None}:
-        return _generate_all(model, tokenizer, ids, cfg)
-    from llmlab.peft.base import using_adapter
-
-    results = [None] * len(ids)
-    for name in dict.fromkeys(adapters):
-        rows = [i for i, a in enumerate(adapters) if a == name]
-        with using_adapter(model, name):
-            for i, g in zip(rows, _generate_all(model, tokenizer, [ids[i] for i in rows], cfg)):
-                results[i] = g
-    return results
-
-
-def _generate_all(model, tokenizer, ids: list[list[int]], cfg: GenerateConfig) -> list[Generation]:
-    """One prompt streams to stdout as it is generated; several go in batches under a progress bar."""
-    if len(ids) == 1:
-        stream = (lambda piece: print(piece, end="", flush=True))
-        results = generate_batch(model, tokenizer, ids, cfg, on_text=stream)
-        print(flush=True)
-        return results
-    from tqdm import tqdm
-
-    batches = [ids[i:i + cfg.batch_size] for i in range(0, len(ids), cfg.batch_size)]
-    results = []
-    for batch in tqdm(batches, desc="generate", unit="batch", file=sys.stderr, disable=len(batches) == 1):
-        results += generate_batch(model, tokenizer, batch, cfg)
-    return results
-
-
-def read_prompts(cfg: GenerateConfig) -> tuple[list[str], list[str | None]]:
-    """The prompts of `--prompt` or `--prompts FILE` (exactly one of the two), and the adapter
-    each .jsonl row asks for (None: the default)."""
-    if (cfg.prompt is None) == (cfg.prompts is None):
-        raise LlmlabError("give exactly one of --prompt TEXT or --prompts FILE")
-    if cfg.prompt is not None:
-        return [cfg.prompt], [None]
-    path = Path(cfg.prompts)
-    if path.suffix == ".jsonl":
-        rows = _jsonl_prompts(path)
-    else:
-        rows = [(ln, None) for ln in read_text(path).splitlines() if ln.strip()]
-    if not rows:
-        raise LlmlabError(f"{path} holds no prompts")
-    return [p for p, _ in rows], [a for _, a in rows]
-
-
-def _jsonl_prompts(path: Path) -> list[tuple[str, str | None]]:
-    prompts = []
-    for number, row in read_jsonl(path):
-        if not isinstance(row.get("prompt"), str):
-            raise LlmlabError(f"{path}:{number}: each row must be an object with a string 'prompt' field")
-        if not isinstance(row.get("adapter", ""), str):
-            raise LlmlabError(f"{path}:{number}: 'adapter' must be the name of a loaded adapter")
-        prompts.append((row["prompt"], row.get("adapter")))
-    return prompts
-
 
 def unescape(stops: list[str]) -> list[str]:
     """A shell passes `--stop "\\n\\n"` as backslash-n: the verbs read \\n, \\t, \\r and \\\\ as escapes."""
     table = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
     return [re.sub(r"\\([ntr\\])", lambda m: table[m.group(1)], s) for s in stops]
-
-
-def _short(text: str, width: int = 60) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[:width - 1] + "…"

@@ -1,7 +1,7 @@
 """`llmlab chat`: an interactive conversation with streamed replies.
 
 Every turn renders the whole history with the model's chat template and generates the reply
-with llmlab's own loop (`generate.py`), streaming it piece by piece. The loop reads and writes
+with llmlab's own loop (`llmlab.generation`), streaming it piece by piece. The loop reads and writes
 the streams it is given, so tests and pipes drive it like a terminal.
 """
 
@@ -9,7 +9,11 @@ import sys
 from dataclasses import dataclass
 
 from llmlab.config import field
-from llmlab.serve.generate import SamplingConfig, encode, generate_batch, unescape
+from llmlab.errors import LlmlabError
+from llmlab.generation import SamplingConfig, encode, generate_batch, unescape
+from llmlab.models import load_model
+from llmlab.peft.base import active_adapters, adapter_names, set_adapter
+from llmlab.peft.io import load_adapters
 
 HELP = """commands:
   /reset          forget the conversation so far
@@ -30,13 +34,9 @@ class ChatConfig(SamplingConfig):
 
 
 def chat_verb(cfg: ChatConfig, opts) -> dict:
-    from llmlab.models import load_model
-
     cfg.stop = unescape(cfg.stop)
     model, tokenizer = load_model(cfg.model, cfg.dtype, cfg.device)
     if cfg.adapter:
-        from llmlab.peft.io import load_adapters
-
         load_adapters(model, cfg.adapter)
     return chat_loop(model, tokenizer, cfg, sys.stdin, sys.stdout)
 
@@ -79,9 +79,6 @@ def chat_loop(model, tokenizer, cfg: ChatConfig, stdin, stdout) -> dict:
 
 
 def _switch_adapter(model, words: list[str]) -> str:
-    from llmlab.errors import LlmlabError
-    from llmlab.peft.base import active_adapters, adapter_names, set_adapter
-
     names = adapter_names(model)
     if not names:
         return "no adapters are loaded; start with --adapter PATH"

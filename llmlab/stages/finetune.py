@@ -24,19 +24,23 @@ from typing import Any
 
 import torch.nn.functional as F
 
+from llmlab import methods
+from llmlab.compress import quantize_model
+from llmlab.compress.quantize import get_method
 from llmlab.config import build, field
-from llmlab.errors import LlmlabError, closest
-from llmlab.finetune.data import FORMATS, IGNORE, TEMPLATES, collate, load_sft_data
-from llmlab.finetune.packing import model_inputs, packing_mode
+from llmlab.data.packing import IGNORE, collate, model_inputs, packing_mode
+from llmlab.data.sft import FORMATS, TEMPLATES, load_sft_data
+from llmlab.errors import LlmlabError
 from llmlab.models import load_model, save_model
-from llmlab.peft import METHODS, apply_method, print_trainable_parameters, save_adapter, trainable_parameters
+from llmlab.peft import apply_method, print_trainable_parameters, save_adapter, trainable_parameters
 from llmlab.runs import RunOptions, start_run
 from llmlab.train import TrainConfig, fit, latest_checkpoint, seed_everything
 from llmlab.train.loop import frozen_linears_to_bf16
 
 log = logging.getLogger("llmlab")
 
-WHOLE_MODEL = ("full", "freeze")  # methods that change the base weights: the run saves the model, not an adapter
+# methods that change the base weights: the run saves the model, not an adapter
+WHOLE_MODEL = tuple(n for n in methods.names("finetune") if methods.entry("finetune", n).extra.get("whole_model"))
 
 
 @dataclasses.dataclass
@@ -49,7 +53,7 @@ class FinetuneConfig:
     template: str = field("auto", help="auto (the tokenizer's chat template) or alpaca (built-in prompt)")
     max_len: int = field(1024, help="tokens per example; longer ones are truncated (and counted)")
     packing: bool = field(False, help="pack several examples into each row of max_len tokens")
-    method: str = field("lora", help="lora, dora, ia3, adapter, prefix, ptuning2, prompt, ptuning, freeze or full")
+    method: str = field("lora", help=", ".join(methods.names("finetune")))
     adapter: dict[str, Any] = field({}, help="the method's options, e.g. --adapter.r 16 --adapter.alpha 32")
     quantize: str | None = field(None, help="quantize the frozen base before adding adapters: nf4 (QLoRA), or rtn "
                                             "with --quant.bits/--quant.group-size")
@@ -64,23 +68,16 @@ class FinetuneConfig:
     @staticmethod
     def more_help() -> str:
         """Each method's --adapter.* options, for `llmlab finetune --help`."""
-        from llmlab.config import describe
-
-        lines = ["", "", "--adapter.* options of each --method:"]
-        for name, method in METHODS.items():
-            rows = describe(method.config, "adapter.")
-            lines.append(f"  {name}: " + ("; ".join(f"{opt} [{default}]" for opt, default, _ in rows) or "(none)"))
-        return "\n".join(lines)
+        return "\n\n--adapter.* options of each --method:\n" + methods.options_help("finetune", "adapter.")
 
     def __post_init__(self):
         if self.format not in ("auto", *FORMATS):
             raise LlmlabError(f"unknown --format '{self.format}'; use auto, {', '.join(FORMATS)}")
         if self.template not in ("auto", *TEMPLATES):
             raise LlmlabError(f"unknown --template '{self.template}'; use auto or {', '.join(TEMPLATES)}")
-        if self.method not in METHODS:
-            raise LlmlabError(f"unknown --method '{self.method}'{closest(self.method, METHODS)}; "
-                              f"use one of {', '.join(METHODS)}")
-        build(METHODS[self.method].config, self.adapter, "adapter")  # fail before loading anything
+        methods.check("finetune", self.method)
+        cfg_cls, _, _ = methods.load("finetune", self.method)
+        build(cfg_cls, self.adapter, "adapter")  # fail before loading anything
         if self.quantize is not None:
             _quant_config(self)
         if self.max_len < 2:
@@ -141,8 +138,6 @@ def finetune(cfg: FinetuneConfig, opts: RunOptions) -> dict:
 
 def _quant_config(cfg: FinetuneConfig):
     """The --quantize method's Config from --quant.*; LlmlabError for methods that cannot give a QLoRA base."""
-    from llmlab.compress import get_method
-
     if cfg.method in WHOLE_MODEL:
         raise LlmlabError(f"--quantize freezes the base in low-bit form; --method {cfg.method} trains the base "
                           f"weights themselves: use an adapter method (lora, dora, ...)")
@@ -155,8 +150,6 @@ def _quant_config(cfg: FinetuneConfig):
 
 def _quantize_base(model, cfg: FinetuneConfig):
     """QLoRA's frozen base: the model's linears swapped for quantized ones before the adapters wrap them."""
-    from llmlab.compress import quantize_model
-
     return quantize_model(model, cfg.quantize, None, **cfg.quant)
 
 

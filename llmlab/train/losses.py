@@ -1,4 +1,11 @@
-"""Divergences between a teacher's and a student's next-token distributions, one value per position.
+"""Training losses: each `loss_fn(model, batch) -> (summed loss, number of targets)` for `fit`,
+and the divergences they are built from.
+
+SFT is cross-entropy on the target tokens (labels are −100 everywhere else, as in InstructGPT's
+SFT stage):   L = − Σ_{t ∈ targets} log q_θ(x_t | x_<t).  The loop divides by the number of
+targets over all micro-batches, so a step's loss is the mean over its tokens.
+
+Divergences between a teacher's and a student's next-token distributions, one value per position.
 
 With p the teacher's and q_θ the student's distribution over the vocabulary at one position
 (both softened by a temperature τ: softmax(z / τ)):
@@ -21,7 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100  # label of positions that are not targets (prompt, padding), as in llmlab.finetune.data
+from llmlab.data.packing import IGNORE, model_inputs
 
 
 def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -59,3 +66,51 @@ def shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
     """(logits (B, T−1, V), targets (B, T−1), mask (B, T−1)): position t predicts token t + 1."""
     targets = labels[:, 1:]
     return logits[:, :-1], targets, targets != IGNORE
+
+
+def soft_cross_entropy(student_logits, teacher_logits) -> torch.Tensor:
+    """−Σ_v p_teacher(v) log q_student(v) per position: forward KL plus the teacher's entropy (a constant
+    for the student, so the same gradient), the loss LLM-QAT distils with."""
+    return -(teacher_logits.float().softmax(-1) * log_probs(student_logits)).sum(-1)
+
+
+# ---- loss functions for the training loop ----
+
+def sft_loss(model, batch: dict):
+    """Summed cross-entropy of the target tokens, and how many there are."""
+    logits, targets, mask = shifted(model(**model_inputs(model, batch)).logits, batch["labels"])  # (B, T-1, V)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss, int(mask.sum())
+
+
+class KDLoss:
+    """Hinton et al.'s knowledge distillation on the target tokens (Hinton, Vinyals & Dean 2015,
+    https://arxiv.org/abs/1503.02531):  L = α τ² KL(p_T^τ ‖ q_θ^τ) + (1 − α) CE(y, q_θ).
+
+    The teacher is held here, outside the optimizer's reach."""
+
+    def __init__(self, teacher, temperature: float = 1.0, alpha: float = 1.0):
+        self.teacher, self.temperature, self.alpha = teacher, temperature, alpha
+
+    def __call__(self, model, batch: dict):
+        tau, alpha = self.temperature, self.alpha
+        student, targets, mask = shifted(model(**model_inputs(model, batch)).logits, batch["labels"])  # (B, T-1, V)
+        with torch.no_grad():
+            teacher = self.teacher(**model_inputs(self.teacher, batch)).logits[:, :-1]
+        soft = forward_kl(student[mask], teacher[mask], tau) * tau ** 2  # (N,)
+        hard = F.cross_entropy(student[mask].float(), targets[mask], reduction="none") if alpha < 1 else 0.0
+        return (alpha * soft + (1 - alpha) * hard).sum(), int(mask.sum())
+
+
+class SoftTargetLoss:
+    """The teacher's full distribution as the target at every position of unlabelled token windows
+    (LLM-QAT's data-free distillation: the text is the teacher's own, so there are no labels)."""
+
+    def __init__(self, teacher):
+        self.teacher = teacher  # not a submodule of the student: the optimizer never sees it
+
+    def __call__(self, model, batch: dict):
+        ids = batch["input_ids"]  # (B, T)
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
+        return soft_cross_entropy(model(input_ids=ids, use_cache=False).logits, teacher_logits).sum(), ids.numel()

@@ -22,21 +22,11 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from llmlab.compress.packing import pack, packed_width, unpack
-from llmlab.compress.quant import QuantSpec, dequantize, fit_grid, quantize
+from llmlab.models.packed.bitpack import pack, packed_width, unpack
+from llmlab.models.packed.quant import QuantSpec, dequantize, fit_grid, quantize
 
-QUANTIZED: dict[str, type["QuantizedLinear"]] = {}
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INT4_GROUPS = (256, 128, 64, 32)  # the group sizes torch's CPU int4 kernel takes
-
-
-def register(kind: str):
-    """Class decorator: make a QuantizedLinear subclass loadable by its kind."""
-    def decorate(cls):
-        cls.kind = kind
-        QUANTIZED[kind] = cls
-        return cls
-    return decorate
 
 
 class QuantizedLinear(nn.Module):
@@ -65,9 +55,9 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {options}"
 
 
-@register("weight_only")
 class QuantLinear(QuantizedLinear):
     """Weight-only RTN/GPTQ/AWQ layer; `QuantLinear.use_kernels = False` forces the dequantize path."""
+    kind = "weight_only"  # its name in the packed folder's list of swapped modules
     use_kernels: ClassVar[bool] = True
     kernel_dtype: ClassVar[torch.dtype] = torch.bfloat16  # float32: slow, but the same sums as dequantizing
 
@@ -87,7 +77,7 @@ class QuantLinear(QuantizedLinear):
         """Quantize linear.weight by RTN, or take q/scale/zero already solved (GPTQ, AWQ)."""
         weight = linear.weight.detach()
         if isinstance(linear, Conv1D):  # GPT-2 stores its linear weights as (in, out)
-            weight = weight.T
+            weight = weight.T  # (surgery.linear_weight would import this package: models.packed stays below it)
         out_features, in_features = weight.shape
         layer = cls(in_features, out_features, linear.bias is not None, spec.bits, spec.group_size, spec.symmetric)
         if q is None:

@@ -8,8 +8,8 @@ every module that was swapped for another:
     {"format": 1, "method": "gptq", "modules": {"model.layers.0.self_attn.q_proj": {"kind": "weight_only",
                                                                                    "bits": 4, ...}, ...}}
 
-A kind is a quantized layer (`QUANTIZED` in qlinear.py) or a wrapper of lowrank.py that holds
-other linears, listed before the modules inside it, so that methods compose on disk too:
+A kind is a quantized layer or a wrapper of lowrank.py that holds other linears (`LAYERS` below,
+a static table from kind to class), listed before the modules inside it, so that methods compose on disk too:
 
     decompose → quantize   "…q_proj": {"kind": "lowrank", "rank": 16},   (and "lowrank": "svd" at the top)
                            "…q_proj.v": {"kind": "weight_only", …}, "…q_proj.u": {"kind": "weight_only", …}
@@ -23,7 +23,6 @@ file, and ties the embeddings again. `load_model(folder)` does this whenever the
 there, so every verb takes a compressed folder as its model.
 """
 
-import importlib
 import json
 from pathlib import Path
 
@@ -35,12 +34,19 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from transformers.pytorch_utils import Conv1D
 
 from llmlab.atomic import atomic_dir, atomic_write_json
-from llmlab.compress.qlinear import QUANTIZED, QuantizedLinear, quantized_linears
 from llmlab.errors import LlmlabError, closest
+from llmlab.models.dtypes import resolve_dtype
+from llmlab.models.packed.lowrank import LoRCLinear, LowRankLinear
+from llmlab.models.packed.nf4 import NF4Linear
+from llmlab.models.packed.qlinear import QuantizedLinear, QuantLinear, quantized_linears
+from llmlab.models.packed.w8a8 import LLMInt8Linear, W8A8Linear
 
 MARKER = "llmlab_quantization.json"
 WEIGHTS = "model.safetensors"
 FORMAT = 1
+# kind -> the class that rebuilds it: `LAYERS[kind].empty(in, out, bias, **options)`
+LAYERS = {cls.kind: cls for cls in (QuantLinear, NF4Linear, W8A8Linear, LLMInt8Linear, LowRankLinear, LoRCLinear)}
+WRAPPERS = (LowRankLinear, LoRCLinear)  # the kinds that hold other linears
 
 
 def save_quantized(model, tokenizer, out: str | Path, method: str | None = None) -> Path:
@@ -65,15 +71,8 @@ def save_quantized(model, tokenizer, out: str | Path, method: str | None = None)
 def _swapped_modules(model) -> dict:
     """name -> {"kind", **options} of every quantized layer and wrapper; named_modules lists a wrapper
     before the modules inside it."""
-    classes = (QuantizedLinear, *_wrappers().values())
+    classes = (QuantizedLinear, *WRAPPERS)
     return {name: {"kind": m.kind, **m.config()} for name, m in model.named_modules() if isinstance(m, classes)}
-
-
-def _wrappers() -> dict:
-    """The kinds that hold other linears: low-rank factors and LoRC corrections."""
-    from llmlab.compress.lowrank import LoRCLinear, LowRankLinear
-
-    return {cls.kind: cls for cls in (LowRankLinear, LoRCLinear)}
 
 
 def _unique_tensors(state: dict) -> dict:
@@ -100,8 +99,6 @@ def load_quantized(folder: str | Path, dtype: str | torch.dtype = "fp32"):
 
 def load_with_marker(folder: Path, marker: dict, dtype: str | torch.dtype = "fp32"):
     """(model, tokenizer) from the folder's config and tensors, with the modules `marker` lists swapped in."""
-    from llmlab.models.load import resolve_dtype
-
     dtype = resolve_dtype(dtype)
     config = AutoConfig.from_pretrained(folder)
     with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) computed
@@ -150,23 +147,10 @@ def _swap_in(model, name: str, options: dict, folder: Path):
 
 
 def _layer_class(kind, folder: Path):
-    wrappers = _wrappers()
-    if kind in wrappers:
-        return wrappers[kind]
-    if kind not in QUANTIZED:  # the layer classes of other methods register when their files are imported
-        from llmlab.compress import METHODS
-
-        for entry in METHODS.values():
-            try:
-                importlib.import_module(f"llmlab.compress.{entry.module}")
-            except ModuleNotFoundError as e:
-                if e.name != f"llmlab.compress.{entry.module}":
-                    raise
-    if kind not in QUANTIZED:
-        known = [*QUANTIZED, *wrappers]
+    if kind not in LAYERS:
         raise LlmlabError(f"{folder / MARKER} uses module kind '{kind}', which this llmlab does not know"
-                          f"{closest(str(kind), known)}; known kinds: {', '.join(known)}")
-    return QUANTIZED[kind]
+                          f"{closest(str(kind), LAYERS)}; known kinds: {', '.join(LAYERS)}")
+    return LAYERS[kind]
 
 
 def _read_tensors(folder: Path, model, dtype: torch.dtype) -> dict:
@@ -204,3 +188,24 @@ def _check_loaded(model, folder: Path):
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.device.type == "meta":
             raise LlmlabError(f"{folder / WEIGHTS} has no tensor '{name}'; the file is incomplete: save the model again")
+
+
+LOWRANK_MARKER = "llmlab_lowrank.json"  # the marker of decomposed folders written before io.py knew low-rank layers
+
+
+def save_decomposed(model, tokenizer, out: str | Path) -> Path:
+    """io.py's folder (config, tokenizer, safetensors with the factors, the marker listing each LowRankLinear)."""
+    return save_quantized(model, tokenizer, out)
+
+
+def load_decomposed(folder: str | Path, dtype: str | torch.dtype = "fp32"):
+    """(model, tokenizer) from a decomposed folder: io.py's, or one with the older llmlab_lowrank.json."""
+    folder = Path(folder)
+    if is_quantized_folder(folder):
+        return load_quantized(folder, dtype)
+    try:  # {"format": 1, "method": "svd", "modules": {name: {"rank": k, "in": n, "out": m}}}
+        old = json.loads((folder / LOWRANK_MARKER).read_text(encoding="utf-8"))
+        modules = {name: {"kind": "lowrank", "rank": int(m["rank"])} for name, m in old["modules"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise LlmlabError(f"{folder / LOWRANK_MARKER} is not a readable llmlab low-rank file ({e}); decompose again") from None
+    return load_with_marker(folder, {"method": None, "lowrank": old.get("method"), "modules": modules}, dtype)

@@ -15,8 +15,8 @@ that row i follows the beam that live beam i continues.
 
 import torch
 
-from llmlab.serve import sampling
-from llmlab.serve.generate import forward_step, room
+from llmlab.generation import sampling
+from llmlab.generation.forward import forward_step, room
 
 DEAD = -1.0e9  # transformers' stand-in for -inf: keeps the arithmetic finite
 

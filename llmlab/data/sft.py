@@ -24,17 +24,15 @@ import random
 from importlib import resources
 from pathlib import Path
 
-import torch
-
+from llmlab.data.packing import IGNORE, pack
+from llmlab.data.shards import MANIFEST, TokenShards
 from llmlab.errors import LlmlabError
-from llmlab.finetune.packing import block_causal_mask, pack
 
 FORMATS = ("alpaca", "messages", "sharegpt", "text")
-TEMPLATES = ("alpaca",)  # built-in chat templates, in llmlab/finetune/templates/<name>.jinja
+TEMPLATES = ("alpaca",)  # built-in chat templates, in llmlab/data/templates/<name>.jinja
 READERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system"}
-IGNORE = -100
 
 
 @dataclasses.dataclass
@@ -141,7 +139,7 @@ def chat_template(tokenizer, template: str) -> str:
         return tokenizer.chat_template
     if template not in TEMPLATES:
         raise LlmlabError(f"unknown --template '{template}'; use auto or {', '.join(TEMPLATES)}")
-    return resources.files("llmlab.finetune").joinpath(f"templates/{template}.jinja").read_text(encoding="utf-8")
+    return resources.files("llmlab.data").joinpath(f"templates/{template}.jinja").read_text(encoding="utf-8")
 
 
 def encode_chat(messages: list[dict], tokenizer, template: str) -> tuple[list[int], list[int]]:
@@ -231,16 +229,12 @@ def load_sft_data(data: str, tokenizer, *, eval_data: str | None = None, eval_fr
 
 
 def is_token_shards(data: str) -> bool:
-    from llmlab.data.shards import MANIFEST
-
     path = Path(data).expanduser()
     return (path / MANIFEST).is_file() or (path / "tokens" / MANIFEST).is_file()
 
 
 def token_shard_data(data: str, tokenizer, *, eval_fraction: float, max_len: int, seed: int) -> SFTData:
     """Windows of `max_len` tokens over packed token shards, labelled with themselves (every token a target)."""
-    from llmlab.data.shards import TokenShards
-
     shards = TokenShards(data, seq_len=max_len - 1)  # windows of seq_len + 1 = max_len tokens
     if shards.manifest["vocab_size"] > len(tokenizer):
         raise LlmlabError(f"token shards {data} were made with a {shards.manifest['vocab_size']}-token vocabulary "
@@ -258,25 +252,3 @@ def token_shard_data(data: str, tokenizer, *, eval_fraction: float, max_len: int
              "eval_examples": len(held), "eval_truncated": 0, "tokens": len(train) * max_len,
              "target_tokens": len(train) * (max_len - 1)}
     return SFTData(train, held, stats)
-
-
-def collate(examples: list[dict], pad_id: int, block_mask: bool = False) -> dict:
-    """Right-padded (B, T) tensors. Unpacked rows get an attention mask; packed rows get position ids
-    (their padding forms one more segment of its own) and, with `block_mask`, a 4D mask."""
-    lengths = [len(e["input_ids"]) for e in examples]
-    B, T = len(examples), max(lengths)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    labels = torch.full((B, T), IGNORE, dtype=torch.long)
-    for i, (e, n) in enumerate(zip(examples, lengths)):
-        input_ids[i, :n] = torch.tensor(e["input_ids"])
-        labels[i, :n] = torch.tensor(e["labels"])
-    batch = {"input_ids": input_ids, "labels": labels, "num_tokens": sum(lengths)}
-    if "position_ids" in examples[0]:
-        position_ids = torch.stack([torch.tensor(e["position_ids"] + list(range(T - n)))
-                                    for e, n in zip(examples, lengths)])  # (B, T)
-        batch["position_ids"] = position_ids
-        if block_mask:
-            batch["attention_mask"] = block_causal_mask(position_ids)
-    else:
-        batch["attention_mask"] = (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).long()
-    return batch

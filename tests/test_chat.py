@@ -6,8 +6,8 @@ import json
 import pytest
 
 from llmlab.cli import main
-from llmlab.serve import chat
-from llmlab.serve.generate import encode
+from llmlab.generation.generate import encode
+from llmlab.stages import chat
 
 
 @pytest.fixture
@@ -68,7 +68,7 @@ def test_chat_switches_adapters(tmp_path):
     from llmlab.models import load_model
     from llmlab.peft import LoraConfig, apply_lora, save_adapter
     from llmlab.peft.io import load_adapters
-    from llmlab.serve.chat import ChatConfig, chat_loop
+    from llmlab.stages.chat import ChatConfig, chat_loop
 
     torch.manual_seed(0)
     model, tok = load_model("tiny-llama")

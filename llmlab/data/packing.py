@@ -16,7 +16,8 @@ ids (OPT) get the mask built here as a 4D tensor; `packing_mode(model)` probes w
 import torch
 
 from llmlab.errors import LlmlabError
-from llmlab.train.loop import to_device
+
+IGNORE = -100  # the label of positions that are not targets (prompt, padding): cross-entropy skips them
 
 
 def pack(examples: list[dict], max_len: int) -> list[dict]:
@@ -62,8 +63,6 @@ def packing_mode(model) -> str:
 
     Probes with two short examples: their logits packed in one row must equal their logits alone.
     """
-    from llmlab.finetune.data import collate  # data.py builds on this module; import at call time
-
     device = next(model.parameters()).device
     a, b = [5, 6, 7, 8, 9], [20, 21, 22, 23]
     was_training = model.training
@@ -85,3 +84,31 @@ def packing_mode(model) -> str:
         model.train(was_training)
     raise LlmlabError("--packing: this model (or fine-tuning method) cannot keep packed examples apart; "
                       "turn packing off")
+
+
+def collate(examples: list[dict], pad_id: int, block_mask: bool = False) -> dict:
+    """Right-padded (B, T) tensors. Unpacked rows get an attention mask; packed rows get position ids
+    (their padding forms one more segment of its own) and, with `block_mask`, a 4D mask."""
+    lengths = [len(e["input_ids"]) for e in examples]
+    B, T = len(examples), max(lengths)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    for i, (e, n) in enumerate(zip(examples, lengths)):
+        input_ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+    batch = {"input_ids": input_ids, "labels": labels, "num_tokens": sum(lengths)}
+    if "position_ids" in examples[0]:
+        position_ids = torch.stack([torch.tensor(e["position_ids"] + list(range(T - n)))
+                                    for e, n in zip(examples, lengths)])  # (B, T)
+        batch["position_ids"] = position_ids
+        if block_mask:
+            batch["attention_mask"] = block_causal_mask(position_ids)
+    else:
+        batch["attention_mask"] = (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).long()
+    return batch
+
+
+def to_device(batch, device):
+    if isinstance(batch, dict):
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return batch.to(device) if torch.is_tensor(batch) else batch

@@ -1,0 +1,190 @@
+"""The one table of llmlab's methods: every fine-tuning, quantization, pruning, low-rank,
+distillation and data-pipeline method, by family and name.
+
+An entry says where the method lives, its config dataclass, the function (or step class) that
+runs it, what it needs and its one-line help. Files are imported only when their method is
+asked for, so `llmlab --help` and `llmlab quantize --help` stay fast and a method whose optional
+dependency is missing fails alone. Adding a method touches its own file and one line here.
+
+    cfg_cls, fn, entry = load("quantize", "gptq")    # GPTQConfig, quantize_gptq, the entry
+    names("prune")                                   # ["magnitude", "wanda", "sparsegpt", "llm_pruner"]
+
+What a family's function is called with:
+    finetune   apply_<m>(model, cfg, name) -> model           (entry.extra["method"]: the peft Method record)
+    quantize   quantize_<m>(model, calib, cfg) -> model
+    prune      prune_<m>(model, calib, cfg) -> model          (entry.extra["sparsity_key"]: what --sparsity sets)
+    decompose  decompose(model, calib, cfg) -> model
+    distill    make_<m>_loss(teacher, tokenizer, cfg) -> loss_fn(model, batch)
+    data       a pipeline Step class (config: its Config)
+"""
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmlab.config import describe
+from llmlab.errors import LlmlabError, closest
+
+FAMILIES = ("finetune", "quantize", "prune", "decompose", "distill", "data")
+NOUNS = {"finetune": "fine-tuning", "quantize": "quantization", "prune": "pruning", "decompose": "low-rank",
+         "distill": "distillation", "data": "data step"}  # how messages name a family
+
+
+@dataclass(frozen=True)
+class Entry:
+    module: str                    # the file, as a module under llmlab
+    config: str                    # its config dataclass (for data steps: the step class's Config)
+    function: str                  # what runs it (see the module docstring)
+    help: str
+    needs_calib: bool = False      # reads calibration text
+    extra: dict = field(default_factory=dict)  # a family's own flags
+    obj: Any = None                # a step registered at run time: the class itself
+
+
+def _e(module, config, function, help, **kw) -> Entry:
+    return Entry(f"llmlab.{module}", config, function, help, **kw)
+
+
+TABLE: dict[str, dict[str, Entry]] = {
+    "finetune": {
+        "lora": _e("peft.lora", "LoraConfig", "apply_lora", "low-rank adapters (Hu et al. 2021); rsLoRA scaling",
+                   extra={"method": "METHOD"}),
+        "dora": _e("peft.dora", "DoraConfig", "apply_dora", "weight-decomposed LoRA (Liu et al. 2024)",
+                   extra={"method": "METHOD"}),
+        "ia3": _e("peft.ia3", "IA3Config", "apply_ia3", "learned rescaling of keys, values and FFN (Liu et al. 2022)",
+                  extra={"method": "METHOD"}),
+        "adapter": _e("peft.adapter", "AdapterConfig", "apply_adapter",
+                      "bottleneck adapters, series or parallel (Houlsby et al. 2019)", extra={"method": "METHOD"}),
+        "freeze": _e("peft.freeze", "FreezeConfig", "apply_freeze", "train only the last layers",
+                     extra={"method": "FREEZE", "whole_model": True}),
+        "full": _e("peft.freeze", "FullConfig", "apply_full", "train every weight",
+                   extra={"method": "FULL", "whole_model": True}),
+        "prefix": _e("peft.prefix", "PrefixConfig", "apply_prefix", "prefix tuning (Li & Liang 2021)",
+                     extra={"method": "METHOD"}),
+        "ptuning2": _e("peft.prefix", "PTuningV2Config", "apply_ptuning2", "P-tuning v2: deep prompts (Liu et al. 2022)",
+                       extra={"method": "METHOD_V2"}),
+        "prompt": _e("peft.prompt", "PromptConfig", "apply_prompt", "prompt tuning (Lester et al. 2021)",
+                     extra={"method": "METHOD"}),
+        "ptuning": _e("peft.ptuning", "PTuningConfig", "apply_ptuning", "P-tuning v1: an encoder of soft prompts",
+                      extra={"method": "METHOD"}),
+    },
+    "quantize": {
+        "rtn": _e("compress.rtn", "RTNConfig", "quantize_rtn", "round-to-nearest on a uniform grid"),
+        "gptq": _e("compress.gptq", "GPTQConfig", "quantize_gptq", "GPTQ: second-order error compensation",
+                   needs_calib=True),
+        "awq": _e("compress.awq", "AWQConfig", "quantize_awq", "activation-aware weight scaling", needs_calib=True),
+        "smoothquant": _e("compress.smoothquant", "SmoothQuantConfig", "quantize_smoothquant",
+                          "W8A8 with activation outliers migrated into the weights", needs_calib=True),
+        "llm_int8": _e("compress.llm_int8", "LLMInt8Config", "quantize_llm_int8",
+                       "LLM.int8(): int8 with fp16 outlier features"),
+        "zeroquant": _e("compress.zeroquant", "ZeroQuantConfig", "quantize_zeroquant",
+                        "group-wise weights, token-wise activations"),
+        "nf4": _e("compress.nf4", "NF4Config", "quantize_nf4", "4-bit NormalFloat with double quantization (QLoRA)"),
+    },
+    "prune": {
+        "magnitude": _e("compress.magnitude", "MagnitudeConfig", "prune_magnitude", "smallest |w| per row",
+                        extra={"sparsity_key": "sparsity"}),
+        "wanda": _e("compress.wanda", "WandaConfig", "prune_wanda", "|w| · ‖x‖ per output row", needs_calib=True,
+                    extra={"sparsity_key": "sparsity"}),
+        "sparsegpt": _e("compress.sparsegpt", "SparseGPTConfig", "prune_sparsegpt",
+                        "OBS mask and weight update, GPTQ-style", needs_calib=True, extra={"sparsity_key": "sparsity"}),
+        "llm_pruner": _e("compress.llm_pruner", "LLMPrunerConfig", "prune_llm_pruner",
+                         "structured: remove heads and channels by Taylor importance", needs_calib=True,
+                         extra={"sparsity_key": "ratio"}),
+    },
+    "decompose": {
+        "svd": _e("compress.lowrank", "LowRankConfig", "decompose", "truncated SVD of each weight"),
+        "asvd": _e("compress.lowrank", "LowRankConfig", "decompose",
+                   "activation-aware SVD (input scale)", needs_calib=True),
+        "svd_llm": _e("compress.lowrank", "LowRankConfig", "decompose",
+                      "SVD-LLM: truncation-aware whitening", needs_calib=True),
+    },
+    "distill": {
+        "ce": _e("distill.kd", "CEConfig", "make_ce_loss", "hard labels only: the baseline"),
+        "kd": _e("distill.kd", "KDConfig", "make_kd_loss", "forward KL to the teacher's softened distribution"),
+        "seqkd": _e("distill.seqkd", "SeqKDConfig", "make_seqkd_loss", "sequence-level KD: train on the teacher's outputs"),
+        "gkd": _e("distill.gkd", "GKDConfig", "gkd_loss", "generalised JSD on the student's own samples"),
+        "minillm": _e("distill.minillm", "MiniLLMConfig", "minillm_loss", "reverse KL by policy gradient"),
+        "cot": _e("distill.cot", "CoTConfig", "make_cot_loss", "distilling step-by-step: rationales as targets"),
+    },
+    "data": {
+        "language": _e("data.steps.language", "LanguageConfig", "Language", "language identification and filter"),
+        "gopher_quality": _e("data.steps.quality", "GopherQualityConfig", "GopherQuality", "Gopher's quality rules"),
+        "gopher_repetition": _e("data.steps.quality", "GopherRepetitionConfig", "GopherRepetition",
+                                "Gopher's repetition rules"),
+        "c4_rules": _e("data.steps.quality", "C4RulesConfig", "C4Rules", "C4's line and document rules"),
+        "blocklist": _e("data.steps.quality", "BlocklistConfig", "Blocklist", "drop documents with listed words"),
+        "redact_pii": _e("data.steps.redact", "RedactConfig", "RedactPII", "redact e-mails, phones, IPs"),
+        "exact_dedup": _e("data.steps.exact_dedup", "ExactDedupConfig", "ExactDedup", "exact duplicate documents"),
+        "minhash_dedup": _e("data.steps.minhash", "MinhashDedupConfig", "MinhashDedup", "near duplicates by MinHash-LSH"),
+        "sentence_dedup": _e("data.steps.sentence_dedup", "SentenceDedupConfig", "SentenceDedup",
+                             "repeated sentence spans"),
+        "substring_dedup": _e("data.steps.substring", "SubstringDedupConfig", "SubstringDedup",
+                              "repeated substrings by suffix array"),
+        "decontaminate": _e("data.steps.decontaminate", "DecontaminateConfig", "Decontaminate",
+                            "drop documents that overlap evaluation sets"),
+    },
+}
+
+
+def names(family: str) -> list[str]:
+    return list(TABLE[family])
+
+
+def entry(family: str, name: str) -> Entry:
+    methods = TABLE[family]
+    if name not in methods:
+        raise LlmlabError(f"unknown {NOUNS[family]} method '{name}'{closest(name, methods)}; "
+                          f"choose one of {', '.join(methods)}")
+    return methods[name]
+
+
+def check(family: str, name: str, option: str = "--method") -> Entry:
+    """The entry, or the one-line error a verb gives for its `--method` option."""
+    if name not in TABLE[family]:
+        raise LlmlabError(f"unknown {option} '{name}'{closest(name, TABLE[family])}; use one of {', '.join(TABLE[family])}")
+    return TABLE[family][name]
+
+
+def load(family: str, name: str) -> tuple[type, Any, Entry]:
+    """(config class, function, entry) of a method, importing only its file."""
+    e = entry(family, name)
+    if e.obj is not None:
+        return e.obj.Config, e.obj, e
+    try:
+        module = importlib.import_module(e.module)
+    except ModuleNotFoundError as err:
+        if err.name != e.module:
+            raise
+        raise LlmlabError(f"{NOUNS[family]} method '{name}' is not available in this llmlab "
+                          f"(no {e.module.replace('.', '/')}.py)") from None
+    return getattr(module, e.config), getattr(module, e.function), e
+
+
+def attribute(family: str, name: str, key: str):
+    """An object the entry names in `extra` (e.g. a peft method's save/load record), from the method's file."""
+    e = entry(family, name)
+    return getattr(importlib.import_module(e.module), e.extra[key])
+
+
+def register_step(cls) -> type:
+    """Class decorator for pipeline steps written outside llmlab: `name` becomes usable in pipeline YAML."""
+    known = TABLE["data"].get(cls.name)
+    if known is not None and known.obj is not cls and (known.module, known.function) != (cls.__module__, cls.__name__):
+        raise TypeError(f"two steps are registered as '{cls.name}': {known.function} and {cls.__name__}")
+    TABLE["data"][cls.name] = Entry(cls.__module__, "Config", cls.__name__, (cls.__doc__ or "").strip(), obj=cls)
+    return cls
+
+
+def options_help(family: str, prefix: str = "options.") -> str:
+    """Each method's options, for a verb's --help."""
+    lines = []
+    for name in TABLE[family]:
+        try:
+            cfg_cls, _, e = load(family, name)
+        except LlmlabError:
+            lines.append(f"  {name}: (not available)")
+            continue
+        rows = "; ".join(f"{opt} [{default}]" for opt, default, _ in describe(cfg_cls, prefix)) or "(none)"
+        lines.append(f"  {name}{' (needs --calib)' if e.needs_calib else ''}: {rows}")
+    return "\n".join(lines)

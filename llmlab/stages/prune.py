@@ -1,0 +1,112 @@
+"""`llmlab prune`: prune a model with any method of the "prune" family and save it.
+
+    llmlab prune --model smollm2-135m --method wanda --sparsity 0.5 --calib FILE --out runs/w50
+    llmlab prune --model smollm2-135m --method sparsegpt --pattern 2:4 --calib FILE --out runs/s24
+"""
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+from llmlab import methods
+from llmlab.compress.calibrate import calibration_data
+from llmlab.compress.prune import check_model, n_params, prune_method
+from llmlab.compress.sparsity import sparsity_report
+from llmlab.config import build, field
+from llmlab.errors import LlmlabError
+from llmlab.models import load_model, save_model
+from llmlab.runs import RunOptions, start_run
+from llmlab.train.loop import memory_stats
+
+log = logging.getLogger("llmlab")
+
+
+@dataclasses.dataclass
+class PruneConfig:
+    model: str = field("smollm2-135m", help="model spec: built-in name, folder, .gguf, run folder or hub id")
+    method: str = field("wanda", help=", ".join(methods.names("prune")))
+    sparsity: float | None = field(None, help="fraction of weights set to zero, in [0, 1) (llm_pruner: of "
+                                              "parameters removed); default: the method's (0.5)")
+    pattern: str = field("", help="N:M semi-structured sparsity, e.g. 2:4 (2 nonzeros in every 4 weights); "
+                                  "empty: unstructured")
+    calib: str | None = field(None, help="calibration text file, for the methods that read data")
+    n_samples: int = field(128, help="calibration windows")
+    seq_len: int = field(512, help="tokens per calibration window")
+    seed: int = field(0, help="seed that picks the calibration windows")
+    options: dict[str, Any] = field({}, help="the method's other options, e.g. --options.damp 0.1")
+    dtype: str = field("fp32", help="dtype the model is loaded and pruned in: fp32, bf16 or fp16")
+    device: str = field("cpu", help="cpu, cuda or auto")
+
+    @staticmethod
+    def more_help() -> str:
+        """Each method's options, for `llmlab prune --help`."""
+        return ("\n\noptions of each --method (--sparsity/--pattern or --options.KEY VALUE):\n"
+                + methods.options_help("prune"))
+
+    def __post_init__(self):
+        _, _, needs_calib = prune_method(self.method)
+        if needs_calib and not self.calib:
+            raise LlmlabError(f"--method {self.method} needs calibration text: give --calib FILE "
+                              "(not the text you will evaluate on)")
+        if self.n_samples < 1 or self.seq_len < 2:
+            raise LlmlabError(f"--n-samples must be >= 1 and --seq-len >= 2, got {self.n_samples} and {self.seq_len}")
+        self.method_config()  # fail on a bad option before loading anything
+
+    def method_config(self):
+        """The method's <Name>Config from --sparsity/--pattern and --options.*."""
+        cfg_cls, _, _ = prune_method(self.method)
+        names = {f.name for f in dataclasses.fields(cfg_cls)}
+        options = {str(k).replace("-", "_"): v for k, v in self.options.items()}
+        flags = {"sparsity": (methods.entry("prune", self.method).extra["sparsity_key"], self.sparsity),
+                 "pattern": ("pattern", self.pattern or None)}
+        for flag, (key, value) in flags.items():
+            if value is None:
+                continue
+            if key not in names:
+                raise LlmlabError(f"--{flag} does not apply to --method {self.method}; its options are "
+                                  f"{', '.join(sorted(names)) or 'none'}")
+            if key in options and options[key] != value:
+                raise LlmlabError(f"--{flag} {value} and --options.{key} {options[key]} disagree; give one")
+            options[key] = value
+        return build(cfg_cls, options, "options")
+
+
+def prune_verb(cfg: PruneConfig, opts: RunOptions) -> dict:
+
+    method_cfg = cfg.method_config()
+    _, prune, needs_calib = prune_method(cfg.method)
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    check_model(model, method_cfg)  # errors before the run folder exists: nothing half-written
+    calib = (calibration_data(tokenizer, cfg.calib, n_samples=cfg.n_samples, seq_len=cfg.seq_len, seed=cfg.seed)
+             if needs_calib else None)
+    if cfg.calib and not needs_calib:
+        log.info("--method %s needs no calibration data: --calib is not used", cfg.method)
+    dense_params = n_params(model)
+    with start_run("prune", cfg, opts) as run:
+        with memory_stats(next(model.parameters()).device) as memory:
+            start = time.perf_counter()
+            model = prune(model, calib, method_cfg)
+            seconds = time.perf_counter() - start
+        saved = save_model(model, tokenizer, run.artifact("model"))
+        achieved = sparsity_report(model)
+        result = {"model": cfg.model, "method": cfg.method, "target": _target(method_cfg),
+                  "sparsity": round(achieved["overall"], 6), "sparsity_min": round(achieved["min"], 6),
+                  "sparsity_max": round(achieved["max"], 6), "zero_weights": achieved["zero_weights"],
+                  "pruned_layer_weights": achieved["pruned_layer_weights"], "dense_params": dense_params,
+                  "params": n_params(model), "nonzero_params": n_params(model, nonzero=True),
+                  "seconds": round(seconds, 2), **memory, "saved": str(saved),
+                  "per_layer_sparsity": {k: round(v, 6) for k, v in achieved["per_layer"].items()}}
+        run.log_metrics(**{k: v for k, v in result.items() if k != "per_layer_sparsity"})
+        summary = run.finish(result)
+    print(f"pruned {cfg.model} with {cfg.method} ({result['target']}) in {seconds:.1f} s: sparsity "
+          f"{achieved['overall']:.2%} of the decoder linears (per layer {achieved['min']:.2%}..{achieved['max']:.2%}), "
+          f"params {dense_params:,} -> {result['params']:,}, peak RSS {memory['peak_rss_mb']:.0f} MiB -> {saved}")
+    return summary
+
+
+def _target(method_cfg) -> str:
+    if hasattr(method_cfg, "spec"):
+        return method_cfg.spec.describe()
+    ratio = getattr(method_cfg, "ratio", None)
+    return f"{ratio:.0%} of parameters" if ratio is not None else type(method_cfg).__name__
