@@ -32,7 +32,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from llmlab.compress.calibrate import linears_of
 from llmlab.errors import LlmlabError, closest
+from llmlab.models.layers import decoder_layers
+from llmlab.models.packed.qlinear import QuantLinear
+from llmlab.models.packed.quant import QuantSpec
+from llmlab.models.surgery import set_module
 
 QTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
           "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
@@ -198,12 +203,6 @@ def q8_0_grid(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def q8_0_linears(model: nn.Module) -> nn.Module:
     """Swap every decoder-layer nn.Linear for a QuantLinear on the Q8_0 grid: the model a Q8_0 export
     describes, apart from its f16 embeddings. In place; returns the model."""
-    from llmlab.compress.calibrate import linears_of
-    from llmlab.models.layers import decoder_layers
-    from llmlab.models.packed.qlinear import QuantLinear
-    from llmlab.models.packed.quant import QuantSpec
-    from llmlab.models.surgery import set_module
-
     spec = QuantSpec(bits=8, group_size=BLOCK, symmetric=True)
     for layer in decoder_layers(model):
         for name, linear in linears_of(layer).items():

@@ -28,6 +28,7 @@ from transformers.pytorch_utils import Conv1D
 from llmlab.compress.calibrate import layers_prefix, skipped
 from llmlab.errors import LlmlabError
 from llmlab.models.layers import decoder_layers
+from llmlab.models.packed.qlinear import quantized_linears
 from llmlab.models.surgery import linear_weight
 
 
@@ -123,8 +124,6 @@ def prune_targets(model, skip: list[str]) -> dict[str, nn.Module]:
 
 def check_model(model, spec: PruneSpec, skip: list[str]) -> None:
     """Refuse, before anything changes: a quantized model, nothing to prune, or an M that does not divide a layer."""
-    from llmlab.models.packed.qlinear import quantized_linears
-
     done = quantized_linears(model)
     if done:
         raise LlmlabError(f"{next(iter(done))} is quantized; prune the float model first, then quantize it")

@@ -39,8 +39,10 @@ from llmlab.config import build, field
 from llmlab.data import readers
 from llmlab.data.executors import execute
 from llmlab.data.readers import InputConfig
+from llmlab.data.shards import load_tokenizer, pack_texts
 from llmlab.data.steps.base import SAMPLES_PER_REASON, Step, StepLog
 from llmlab.errors import LlmlabError, closest
+from llmlab.runs import RunOptions, format_table, start_run
 
 log = logging.getLogger("llmlab")
 
@@ -269,8 +271,6 @@ def _bar(cfg: PipelineConfig, total: int, desc: str, unit: str, initial: int = 0
 def run_pipeline(cfg: PipelineConfig, opts=None) -> dict:
     """Run the pipeline into a run folder (opts.out, else output.path, else runs/data-run-<time>):
     data/ (output shards), dropped/<step>/<reason>.jsonl, summary.json, config.yaml, log.txt."""
-    from llmlab.runs import RunOptions, start_run
-
     opts = dataclasses.replace(opts or RunOptions(), out=(opts and opts.out) or cfg.output.path or None)
     started = time.perf_counter()
     tokenizer = _output_tokenizer(cfg)  # a bad tokenizer fails now, not after the whole pipeline
@@ -316,15 +316,12 @@ def run_pipeline(cfg: PipelineConfig, opts=None) -> dict:
 def _output_tokenizer(cfg: PipelineConfig):
     if not cfg.output.tokenizer:
         return None
-    from llmlab.data.shards import load_tokenizer
 
     return load_tokenizer(cfg.output.tokenizer)
 
 
 def _write_tokens(folder: Path, shards: list[str], tokenizer, cfg: PipelineConfig) -> dict:
     """The kept documents as token shards in <folder>/tokens, which the training loaders read."""
-    from llmlab.data.shards import pack_texts
-
     texts = (doc["text"] for path in shards for doc in readers.iter_jsonl(path))
     manifest = pack_texts(texts, tokenizer, folder / "tokens", cfg.output.shard_tokens, name=cfg.output.tokenizer)
     return {key: manifest[key] for key in ("total_tokens", "documents", "dtype")} | {"shards": len(manifest["shards"])}
@@ -375,8 +372,6 @@ def _write_outputs(folder: Path, shards: list[str], results: list[dict], cfg: Pi
 
 def summary_table(summary: dict) -> str:
     """Per step: documents and MB in and out, time, and what was dropped or changed and why."""
-    from llmlab.runs import format_table
-
     rows = [["read", "", summary["docs_read"], "", f"{summary['bytes_read'] / 2**20:.2f}", "", "",
              f"invalid_utf8={summary['invalid_utf8']}" if summary["invalid_utf8"] else ""]]
     for s in summary["steps"]:

@@ -34,6 +34,7 @@ from llmlab import methods
 from llmlab.config import build, field
 from llmlab.data.packing import IGNORE, collate
 from llmlab.data.sft import load_sft_data
+from llmlab.data.text import read_text
 from llmlab.distill import cot, seqkd
 from llmlab.distill.student import check_vocab_sizes
 from llmlab.errors import LlmlabError
@@ -58,7 +59,6 @@ def text_windows(text: str, tokenizer, max_len: int, max_examples: int | None = 
 
 def training_examples(source: str, tokenizer, max_len: int, max_examples: int | None, seed: int = 0) -> list[dict]:
     if Path(source).suffix.lower() in TEXT_SUFFIXES:
-        from llmlab.data.text import read_text
 
         return text_windows(read_text(source), tokenizer, max_len, max_examples)
     return load_sft_data(source, tokenizer, max_len=max_len, seed=seed).train[:max_examples]

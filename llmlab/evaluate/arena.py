@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from llmlab.data.text import read_jsonl
 from llmlab.errors import LlmlabError
+from llmlab.generation.generate import encode
 
 JUDGE_PROMPT = (
     "Which answer to the question is better: more correct, more helpful and clearer?\n\n"
@@ -95,8 +97,6 @@ class ModelJudge:
     @torch.inference_mode()
     def prefer_a(self, question: str, a: str, b: str) -> float:
         """The judge's probability that A is the better answer (A and B renormalised)."""
-        from llmlab.generation.generate import encode
-
         text = JUDGE_PROMPT.format(question=question, a=a.strip(), b=b.strip())
         ids = encode(self.tokenizer, text, chat=self.tokenizer.chat_template is not None)
         logits = self.model(torch.tensor([ids], device=self.model.device)).logits[0, -1].float()
@@ -149,7 +149,6 @@ def battle(answers: dict[str, list[str]], questions: list[str], judge, progress:
 
 
 def read_prompts(path: str, limit: int | None = None) -> list[str]:
-    from llmlab.data.text import read_jsonl
 
     if not path:
         raise LlmlabError("arena needs prompts: --prompts FILE (.txt one per line, or .jsonl with 'prompt')")

@@ -28,9 +28,12 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from llmlab.errors import LlmlabError
+from llmlab.evaluate.arc import SUBSETS, load_subset
+from llmlab.evaluate.mmlu import LETTERS, load_subject
 from llmlab.evaluate.multiple_choice import Question, encode_pair, score_questions
 from llmlab.generation.generate import SamplingConfig, generate
 from llmlab.models import context_length, load_model
+from llmlab.peft.io import load_adapters
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's, for a model that does not say
 
@@ -45,7 +48,6 @@ class LlmlabLM(LM):
         super().__init__()
         self.model, self.tokenizer = load_model(model, dtype=dtype, device=device or "cpu")
         if adapter:
-            from llmlab.peft.io import load_adapters  # only runs that evaluate adapters need the peft package
 
             load_adapters(self.model, [a for a in str(adapter).split(";") if a])
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16  # "auto" -> our default
@@ -154,8 +156,6 @@ def local_tasks(out: str | Path, kind: str, data: dict[str, list[dict]], task_ya
 
 def exam_task(out: str | Path, exam: str, data: str, subject: str, split: str) -> str:
     """A local copy of lm-eval's task for one MMLU, CMMLU or C-Eval subject; returns the task name."""
-    from llmlab.evaluate.mmlu import LETTERS, load_subject
-
     def row(r):
         if exam == "mmlu":
             return {"question": r.question, "subject": subject, "choices": r.options, "answer": LETTERS.index(r.answer)}
@@ -170,8 +170,6 @@ def exam_task(out: str | Path, exam: str, data: str, subject: str, split: str) -
 
 def arc_task(out: str | Path, data: str, subset: str, split: str) -> str:
     """A local copy of lm-eval's arc_easy / arc_challenge; examples (if asked for) come from train."""
-    from llmlab.evaluate.arc import SUBSETS, load_subset
-
     def row(i, q):
         labels = [chr(ord("A") + j) for j in range(len(q.choices))]
         return {"id": str(i), "question": q.question, "choices": {"text": q.choices, "label": labels},

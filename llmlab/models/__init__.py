@@ -4,7 +4,7 @@ from llmlab.models import llmlab_llama  # noqa: F401  (registers model_type "llm
 from llmlab.models.builtin import BUILTIN_NAME
 from llmlab.models.dtypes import resolve_device, resolve_dtype
 from llmlab.models.layers import decoder_layers
-from llmlab.models.load import context_length, load_model, model_names, save_model
+from llmlab.models.load import ModelOptions, context_length, load_model, model_names, save_model
 
-__all__ = ["BUILTIN_NAME", "context_length", "decoder_layers", "load_model", "model_names",
+__all__ = ["BUILTIN_NAME", "ModelOptions", "context_length", "decoder_layers", "load_model", "model_names",
            "resolve_device", "resolve_dtype", "save_model"]

@@ -11,17 +11,32 @@ A spec is one of
 
 import contextlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmlab.atomic import atomic_dir
+from llmlab.config import field
 from llmlab.errors import LlmlabError, closest
 from llmlab.models.builtin import BUILTIN_NAME, builtin_folder
 from llmlab.models.dtypes import DTYPES, resolve_device, resolve_dtype  # noqa: F401  (re-exported)
 from llmlab.models.packed.io import LOWRANK_MARKER, MARKER, load_decomposed, load_quantized
 from llmlab.models.tiny import tiny_configs, tiny_model
+
+
+@dataclass
+class ModelOptions:
+    """The model section every verb shares (`--model`, `--dtype`, `--device`); a verb's config derives from it."""
+    model: str = field(BUILTIN_NAME, help="model: built-in name, HF folder (packed ones too), .gguf file, run folder "
+                                          "or hub id")
+    dtype: str = field("fp32", help="weights' dtype: fp32, bf16 or fp16")
+    device: str = field("cpu", help="cpu, cuda, cuda:N or auto")
+
+    def load_model(self):
+        """(model, tokenizer) as the section says."""
+        return load_model(self.model, self.dtype, self.device)
 
 
 def model_names() -> list[str]:

@@ -18,7 +18,6 @@ from llmlab.peft.base import (
     adapter_names,
     delete_adapter,
     disabled,
-    using_adapter,
     mark_trainable,
     merge,
     merge_and_unload,
@@ -26,6 +25,7 @@ from llmlab.peft.base import (
     set_adapter,
     trainable_parameters,
     unmerge,
+    using_adapter,
 )
 from llmlab.peft.dora import DoraConfig, apply_dora
 from llmlab.peft.freeze import FreezeConfig, FullConfig, apply_freeze, apply_full

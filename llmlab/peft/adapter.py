@@ -38,6 +38,7 @@ from torch import nn
 
 from llmlab.config import field
 from llmlab.errors import LlmlabError
+from llmlab.models.layers import decoder_layers
 from llmlab.models.surgery import linear_shape
 from llmlab.peft.base import DEFAULT, AdapterLayer, Method, mark_trainable, set_adapter
 from llmlab.peft.targets import default_targets, find_targets, wrap_targets
@@ -156,8 +157,6 @@ def _hidden_size(model: nn.Module) -> int | None:
 
 def _check_blocks(model: nn.Module, cfg: AdapterConfig):
     """Refuse layers whose parent is a whole decoder layer: its input is not the sublayer's input."""
-    from llmlab.models.layers import decoder_layers
-
     if getattr(model, "config", None) is None:
         return
     blocks = {id(block) for block in decoder_layers(model)}

@@ -16,6 +16,7 @@ from typing import Callable
 from torch import nn
 
 from llmlab.errors import LlmlabError, closest
+from llmlab.models.surgery import set_module
 
 DEFAULT = "default"
 
@@ -199,7 +200,6 @@ def merge_and_unload(model: nn.Module, names: list[str] | None = None) -> nn.Mod
 
 
 def _unwrap(model: nn.Module, path: str, module: Adapters):
-    from llmlab.models.surgery import set_module
 
     if isinstance(module, AdapterLayer):
         set_module(model, path, module.base_layer)

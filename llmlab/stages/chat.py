@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from llmlab.config import field
 from llmlab.errors import LlmlabError
 from llmlab.generation import SamplingConfig, encode, generate_batch, unescape
-from llmlab.models import load_model
+from llmlab.models.load import ModelOptions
 from llmlab.peft.base import active_adapters, adapter_names, set_adapter
 from llmlab.peft.io import load_adapters
 
@@ -23,11 +23,8 @@ HELP = """commands:
 
 
 @dataclass
-class ChatConfig(SamplingConfig):
+class ChatConfig(ModelOptions, SamplingConfig):
     max_new_tokens: int = field(256, help="the most tokens per reply")
-    model: str = field("smollm2-135m", help="model: built-in name, folder, .gguf file or run folder")
-    dtype: str = field("fp32", help="fp32, bf16 or fp16")
-    device: str = field("cpu", help="cpu, cuda, cuda:N or auto")
     system: str | None = field(None, help="system message that opens the conversation")
     adapter: list[str] = field([], help="adapters to load, PATH or NAME=PATH, comma-separated; the first "
                                         "is active and /adapter NAME switches")
@@ -35,7 +32,7 @@ class ChatConfig(SamplingConfig):
 
 def chat_verb(cfg: ChatConfig, opts) -> dict:
     cfg.stop = unescape(cfg.stop)
-    model, tokenizer = load_model(cfg.model, cfg.dtype, cfg.device)
+    model, tokenizer = cfg.load_model()
     if cfg.adapter:
         load_adapters(model, cfg.adapter)
     return chat_loop(model, tokenizer, cfg, sys.stdin, sys.stdout)

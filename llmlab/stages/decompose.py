@@ -8,14 +8,13 @@ from llmlab.compress.lowrank import LOWRANK_METHODS, LowRankConfig, decompose
 from llmlab.compress.quantize import folder_bytes, state_bytes
 from llmlab.config import field
 from llmlab.errors import LlmlabError
-from llmlab.models import load_model
+from llmlab.models.load import ModelOptions
 from llmlab.models.packed.io import save_decomposed
 from llmlab.runs import start_run
 
 
 @dataclasses.dataclass
-class DecomposeConfig:
-    model: str = field("smollm2-135m", help="model spec: built-in name, folder, .gguf, run folder or hub id")
+class DecomposeConfig(ModelOptions):
     method: str = field("svd", help=", ".join(LOWRANK_METHODS))
     rank: int | None = field(None, help="rank of every decomposed layer")
     param_ratio: float | None = field(None, help="fraction of each layer's parameters kept, in (0, 1)")
@@ -26,8 +25,6 @@ class DecomposeConfig:
     n_samples: int = field(32, help="calibration windows")
     seq_len: int = field(512, help="tokens per calibration window")
     seed: int = field(0, help="seed that picks the calibration windows")
-    dtype: str = field("fp32", help="fp32, bf16 or fp16")
-    device: str = field("cpu", help="cpu, cuda or auto")
 
     def __post_init__(self):
         cfg = self.lowrank_config()
@@ -42,7 +39,7 @@ class DecomposeConfig:
 def decompose_verb(cfg: DecomposeConfig, opts) -> dict:
 
     lr_cfg = cfg.lowrank_config()
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    model, tokenizer = cfg.load_model()
     calib = calibration_data(tokenizer, cfg.calib, cfg.n_samples, cfg.seq_len, cfg.seed) if lr_cfg.needs_calib else None
     before, bytes_before = sum(p.numel() for p in set(model.parameters())), state_bytes(model)
     with start_run("decompose", cfg, opts) as run:

@@ -14,15 +14,12 @@ from llmlab.config import field
 from llmlab.data.text import read_text
 from llmlab.evaluate.perplexity import perplexity
 from llmlab.generation.generate import SamplingConfig, encode, generate_batch
-from llmlab.models import load_model
+from llmlab.models.load import ModelOptions
 from llmlab.runs import RunOptions, start_run
 
 
 @dataclasses.dataclass
-class DemoConfig:
-    model: str = field("smollm2-135m", help="model spec")
-    dtype: str = field("fp32", help="fp32, bf16 or fp16")
-    device: str = field("cpu", help="cpu, cuda or auto")
+class DemoConfig(ModelOptions):
     prompts: str | None = field(None, help="file of chat questions, one per line (default: a bundled set)")
     data: str | None = field(None, help="text file for the perplexity report (default: a bundled sample)")
     max_new_tokens: int = field(64, help="tokens per answer")
@@ -33,7 +30,7 @@ def demo(cfg: DemoConfig, opts: RunOptions) -> dict:
     assets = resources.files("llmlab.assets")
     questions = _lines(read_text(cfg.prompts) if cfg.prompts else (assets / "demo_prompts.txt").read_text())
     text = read_text(cfg.data) if cfg.data else (assets / "sample.txt").read_text()
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    model, tokenizer = cfg.load_model()
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens)
     with start_run("demo", cfg, opts) as run:
         answers, new_tokens, start = [], 0, time.perf_counter()

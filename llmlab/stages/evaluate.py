@@ -16,22 +16,19 @@ from llmlab.evaluate.gsm8k import evaluate_gsm8k, load_gsm8k
 from llmlab.evaluate.mmlu import check_subjects, evaluate_exam, exams
 from llmlab.evaluate.multiple_choice import STRATEGIES
 from llmlab.evaluate.perplexity import perplexity
-from llmlab.models import load_model
+from llmlab.models.load import ModelOptions
 from llmlab.peft import load_adapter
 from llmlab.peft.io import load_adapters
 from llmlab.runs import RunOptions, start_run
 
 
 @dataclasses.dataclass
-class PerplexityConfig:
-    model: str = field("smollm2-135m", help="model spec: built-in name, folder, .gguf, run folder or hub id")
+class PerplexityConfig(ModelOptions):
     data: str = field("", help="UTF-8 text file to score")
     seq_len: int = field(2048, help="tokens per window")
     stride: int | None = field(None, help="sliding-window step; default = seq_len (non-overlapping windows)")
     max_windows: int | None = field(None, help="score only the first N windows")
     batch_size: int = field(1, help="windows per forward pass (on a CPU, 1 is fastest)")
-    dtype: str = field("fp32", help="fp32, bf16 or fp16")
-    device: str = field("cpu", help="cpu, cuda or auto")
 
     def __post_init__(self):
         if self.seq_len < 2:
@@ -48,7 +45,7 @@ def perplexity_verb(cfg: PerplexityConfig, opts: RunOptions) -> dict:
     if not cfg.data:
         raise LlmlabError("eval ppl needs a text file: --data FILE")
     text = read_text(cfg.data)
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    model, tokenizer = cfg.load_model()
     with start_run("eval ppl", cfg, opts) as run:
         result = perplexity(model, tokenizer, text, cfg.seq_len, cfg.stride, cfg.max_windows, cfg.batch_size)
         run.log_metrics(**result)
@@ -60,16 +57,13 @@ def perplexity_verb(cfg: PerplexityConfig, opts: RunOptions) -> dict:
 
 
 @dataclass
-class ExactMatchConfig:
-    model: str = field("smollm2-135m", help="model spec: built-in name, folder, .gguf, run folder or hub id")
+class ExactMatchConfig(ModelOptions):
     adapter: str | None = field(None, help="folder of an adapter (HF peft format) to load onto the model")
     data: str = field("", help="alpaca .jsonl file (instruction, input, output), e.g. heldout.jsonl of `data tasks`")
     max_new_tokens: int = field(16, help="the most tokens of each answer")
     batch_size: int = field(16, help="prompts per generation batch")
     limit: int | None = field(None, help="score only the first N rows")
     chat: bool = field(True, help="ask through the chat template; false = the raw user message")
-    dtype: str = field("fp32", help="fp32, bf16 or fp16")
-    device: str = field("cpu", help="cpu, cuda or auto")
 
     def __post_init__(self):
         for key in ("max_new_tokens", "batch_size"):
@@ -84,7 +78,7 @@ def exact_match_verb(cfg: ExactMatchConfig, opts: RunOptions) -> dict:
     if not cfg.data:
         raise LlmlabError("eval em needs a .jsonl file of alpaca rows: --data FILE (see `llmlab data tasks`)")
     rows = read_rows(cfg.data, cfg.limit)
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    model, tokenizer = cfg.load_model()
     if cfg.adapter:
 
         model = load_adapter(model, cfg.adapter)
@@ -103,8 +97,7 @@ def exact_match_verb(cfg: ExactMatchConfig, opts: RunOptions) -> dict:
 
 
 @dataclass
-class MMLUConfig:
-    model: str = field("smollm2-135m", help="model spec: built-in name, folder, .gguf, run folder or hub id")
+class MMLUConfig(ModelOptions):
     adapter: list[str] = field([], help="adapters to load onto the model, PATH or NAME=PATH; the first is active")
     data: str = field("cais/mmlu", help="folder in MMLU's layout (dev/, val/, test/ of <subject>_<split>.csv) "
                                         "or hub id")
@@ -114,8 +107,6 @@ class MMLUConfig:
     limit: int | None = field(None, help="score only the first N questions of each subject (as lm-eval's --limit)")
     batch_size: int = field(16, help="questions per forward pass")
     strategy: str = field("packed", help="packed: shared prefix cache + packed choices; full: one row per choice")
-    dtype: str = field("fp32", help="fp32, bf16 or fp16")
-    device: str = field("cpu", help="cpu, cuda or auto")
 
     exam = "mmlu"
 
@@ -152,7 +143,7 @@ class CEvalConfig(MMLUConfig):
 
 def exam_verb(cfg: MMLUConfig, opts: RunOptions) -> dict:
 
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    model, tokenizer = cfg.load_model()
     if cfg.adapter:
 
         load_adapters(model, cfg.adapter)
@@ -179,8 +170,7 @@ def print_table(result: dict, exam: str):
 
 
 @dataclass
-class ArcConfig:
-    model: str = field("smollm2-135m", help="model spec: built-in name, folder, .gguf, run folder or hub id")
+class ArcConfig(ModelOptions):
     adapter: list[str] = field([], help="adapters to load onto the model, PATH or NAME=PATH; the first is active")
     data: str = field("allenai/ai2_arc", help="folder with ARC-Easy/ and ARC-Challenge/ (<split>.json or .jsonl) "
                                               "or hub id")
@@ -190,8 +180,6 @@ class ArcConfig:
     limit: int | None = field(None, help="score only the first N questions of each subset (as lm-eval's --limit)")
     batch_size: int = field(16, help="questions per forward pass")
     strategy: str = field("packed", help="packed: shared context, packed choices; full: one row per choice")
-    dtype: str = field("fp32", help="fp32, bf16 or fp16")
-    device: str = field("cpu", help="cpu, cuda or auto")
 
     def __post_init__(self):
         for s in self.subsets:
@@ -210,7 +198,7 @@ class ArcConfig:
 
 def arc_verb(cfg: ArcConfig, opts: RunOptions) -> dict:
 
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    model, tokenizer = cfg.load_model()
     if cfg.adapter:
 
         load_adapters(model, cfg.adapter)
@@ -230,8 +218,7 @@ def arc_verb(cfg: ArcConfig, opts: RunOptions) -> dict:
 
 
 @dataclass
-class GSM8KConfig:
-    model: str = field("smollm2-135m", help="model spec: built-in name, folder, .gguf, run folder or hub id")
+class GSM8KConfig(ModelOptions):
     adapter: list[str] = field([], help="adapters to load onto the model, PATH or NAME=PATH; the first is active")
     data: str = field("openai/gsm8k", help=".jsonl file of {question, answer}, a folder of <split>.jsonl, or hub id")
     split: str = field("test", help="the split to score (a folder's <split>.jsonl, or the hub's)")
@@ -239,8 +226,6 @@ class GSM8KConfig:
     max_new_tokens: int = field(256, help="the most tokens of each reply (lm-eval's max_gen_toks)")
     limit: int | None = field(None, help="score only the first N questions")
     batch_size: int = field(8, help="prompts per generation batch")
-    dtype: str = field("fp32", help="fp32, bf16 or fp16")
-    device: str = field("cpu", help="cpu, cuda or auto")
 
     def __post_init__(self):
         if not 0 <= self.num_fewshot <= 8:
@@ -253,7 +238,7 @@ class GSM8KConfig:
 def gsm8k_verb(cfg: GSM8KConfig, opts: RunOptions) -> dict:
 
     rows = load_gsm8k(cfg.data, cfg.split)[:cfg.limit]
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    model, tokenizer = cfg.load_model()
     if cfg.adapter:
 
         load_adapters(model, cfg.adapter)

@@ -31,7 +31,8 @@ from llmlab.config import build, field
 from llmlab.data.packing import IGNORE, collate, model_inputs, packing_mode
 from llmlab.data.sft import FORMATS, TEMPLATES, load_sft_data
 from llmlab.errors import LlmlabError
-from llmlab.models import load_model, save_model
+from llmlab.models import save_model
+from llmlab.models.load import ModelOptions
 from llmlab.peft import apply_method, print_trainable_parameters, save_adapter, trainable_parameters
 from llmlab.runs import RunOptions, start_run
 from llmlab.train import TrainConfig, fit, latest_checkpoint, seed_everything
@@ -44,8 +45,7 @@ WHOLE_MODEL = tuple(n for n in methods.names("finetune") if methods.entry("finet
 
 
 @dataclasses.dataclass
-class FinetuneConfig:
-    model: str = field("smollm2-135m", help="model spec: built-in name, folder, .gguf, run folder or hub id")
+class FinetuneConfig(ModelOptions):
     data: str = field("", help="training rows: .jsonl, .json, .csv or .parquet file, or a hub dataset id")
     eval_data: str | None = field(None, help="held-out rows in a file of the same format")
     eval_fraction: float = field(0.0, help="hold out this fraction of --data for evaluation instead")
@@ -60,8 +60,6 @@ class FinetuneConfig:
     quant: dict[str, Any] = field({}, help="the quantization method's options, e.g. --quant.bits 4 "
                                            "--quant.group-size 32")
     train: TrainConfig = field(default_factory=TrainConfig, help="the training loop")
-    dtype: str = field("fp32", help="weights' dtype: fp32, bf16 or fp16 (use --train.bf16 for mixed precision)")
-    device: str = field("cpu", help="cpu, cuda or auto")
     resume: bool = field(False, help="continue the run in --out from its last checkpoint")
     resume_from: str | None = field(None, help="continue from this checkpoint (or folder of checkpoints)")
 
@@ -101,7 +99,7 @@ def finetune(cfg: FinetuneConfig, opts: RunOptions) -> dict:
     if not cfg.data:
         raise LlmlabError("finetune needs training data: --data FILE (.jsonl, .json, .csv, .parquet) or a hub id")
     resume = _resume_source(cfg, opts)
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    model, tokenizer = cfg.load_model()
     data = load_sft_data(cfg.data, tokenizer, eval_data=cfg.eval_data, eval_fraction=cfg.eval_fraction,
                          fmt=cfg.format, template=cfg.template, max_len=cfg.max_len, packing=cfg.packing,
                          seed=cfg.train.seed)

@@ -10,17 +10,14 @@ from llmlab.config import field
 from llmlab.data.text import read_jsonl, read_text
 from llmlab.errors import LlmlabError
 from llmlab.generation.generate import Generation, SamplingConfig, encode, generate_batch, unescape
-from llmlab.models import load_model
+from llmlab.models.load import ModelOptions
 from llmlab.peft.base import using_adapter
 from llmlab.peft.io import load_adapters
 from llmlab.runs import start_run
 
 
 @dataclass
-class GenerateConfig(SamplingConfig):
-    model: str = field("smollm2-135m", help="model: built-in name, folder, .gguf file or run folder")
-    dtype: str = field("fp32", help="fp32, bf16 or fp16")
-    device: str = field("cpu", help="cpu, cuda, cuda:N or auto")
+class GenerateConfig(ModelOptions, SamplingConfig):
     prompt: str | None = field(None, help="one prompt")
     prompts: str | None = field(None, help="a file of prompts: .txt one per line, or .jsonl with a 'prompt' field")
     chat: bool = field(True, help="wrap each prompt as a user message with the chat template; false = raw text")
@@ -39,7 +36,7 @@ class GenerateConfig(SamplingConfig):
 def generate_verb(cfg: GenerateConfig, opts) -> dict:
     prompts, wanted = read_prompts(cfg)
     cfg.stop = unescape(cfg.stop)
-    model, tokenizer = load_model(cfg.model, cfg.dtype, cfg.device)
+    model, tokenizer = cfg.load_model()
     names = _load_adapters(model, cfg.adapter, wanted, cfg.prompts)
     ids = [encode(tokenizer, p, chat=cfg.chat, system=cfg.system) for p in prompts]
     with start_run("generate", cfg, opts) as run:

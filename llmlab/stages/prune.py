@@ -15,7 +15,8 @@ from llmlab.compress.prune import check_model, n_params, prune_method
 from llmlab.compress.sparsity import sparsity_report
 from llmlab.config import build, field
 from llmlab.errors import LlmlabError
-from llmlab.models import load_model, save_model
+from llmlab.models import save_model
+from llmlab.models.load import ModelOptions
 from llmlab.runs import RunOptions, start_run
 from llmlab.train.loop import memory_stats
 
@@ -23,8 +24,7 @@ log = logging.getLogger("llmlab")
 
 
 @dataclasses.dataclass
-class PruneConfig:
-    model: str = field("smollm2-135m", help="model spec: built-in name, folder, .gguf, run folder or hub id")
+class PruneConfig(ModelOptions):
     method: str = field("wanda", help=", ".join(methods.names("prune")))
     sparsity: float | None = field(None, help="fraction of weights set to zero, in [0, 1) (llm_pruner: of "
                                               "parameters removed); default: the method's (0.5)")
@@ -35,8 +35,6 @@ class PruneConfig:
     seq_len: int = field(512, help="tokens per calibration window")
     seed: int = field(0, help="seed that picks the calibration windows")
     options: dict[str, Any] = field({}, help="the method's other options, e.g. --options.damp 0.1")
-    dtype: str = field("fp32", help="dtype the model is loaded and pruned in: fp32, bf16 or fp16")
-    device: str = field("cpu", help="cpu, cuda or auto")
 
     @staticmethod
     def more_help() -> str:
@@ -76,7 +74,7 @@ def prune_verb(cfg: PruneConfig, opts: RunOptions) -> dict:
 
     method_cfg = cfg.method_config()
     _, prune, needs_calib = prune_method(cfg.method)
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    model, tokenizer = cfg.load_model()
     check_model(model, method_cfg)  # errors before the run folder exists: nothing half-written
     calib = (calibration_data(tokenizer, cfg.calib, n_samples=cfg.n_samples, seq_len=cfg.seq_len, seed=cfg.seed)
              if needs_calib else None)

@@ -18,7 +18,7 @@ from llmlab.compress.lowrank import add_lorc
 from llmlab.compress.quantize import COMMON, check_model, folder_bytes, get_method, grid_options, state_bytes
 from llmlab.config import build, field
 from llmlab.errors import LlmlabError
-from llmlab.models import load_model
+from llmlab.models.load import ModelOptions
 from llmlab.models.packed.io import save_quantized
 from llmlab.models.packed.qlinear import quantized_linears
 from llmlab.runs import RunOptions, start_run
@@ -28,8 +28,7 @@ log = logging.getLogger("llmlab")
 
 
 @dataclasses.dataclass
-class QuantizeConfig:
-    model: str = field("smollm2-135m", help="model spec: built-in name, folder, .gguf, run folder or hub id")
+class QuantizeConfig(ModelOptions):
     method: str = field("rtn", help=", ".join(methods.names("quantize")))
     bits: int | None = field(None, help="bits per weight (default: the method's)")
     group_size: int | None = field(None, help="input columns per group; 0 per channel, -1 per tensor "
@@ -42,8 +41,6 @@ class QuantizeConfig:
     options: dict[str, Any] = field({}, help="the method's other options, e.g. --options.damp 0.1")
     lorc_rank: int | None = field(None, help="after quantizing, add LoRC: each layer's rank-k float correction "
                                              "of its quantization error")
-    dtype: str = field("fp32", help="dtype the model is loaded and quantized in: fp32, bf16 or fp16")
-    device: str = field("cpu", help="cpu, cuda or auto")
 
     @staticmethod
     def more_help() -> str:
@@ -85,7 +82,7 @@ def quantize_verb(cfg: QuantizeConfig, opts: RunOptions) -> dict:
 
     method_cfg = cfg.method_config()
     _, quantize, needs_calib = get_method(cfg.method)
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    model, tokenizer = cfg.load_model()
     calib = _calibration(cfg, tokenizer) if needs_calib else None
     if cfg.calib and not needs_calib:
         log.info("--method %s needs no calibration data: --calib is not used", cfg.method)
