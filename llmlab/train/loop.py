@@ -311,22 +311,59 @@ def accumulate(model, loss_fn, batches, autocast=contextlib.nullcontext, meter: 
 
     Returns (summed loss, count). Gradients of micro-batches add up in `.grad`, so dividing once by
     the total count makes any split of the same examples give the same gradient.
+
+    Wrapped in DDP (or FSDP2), the ranks synchronise their gradients on the last micro-step only
+    (nanoGPT's `require_backward_grad_sync`): the earlier backward passes just add up locally, and
+    the one all-reduce carries the sum. The all-reduce averages over the W ranks, so the gradient is
+    rescaled by W / (targets on all ranks), the mean over every target of the global batch.
     """
     device = next(model.parameters()).device
+    batches = list(batches)
     loss_sum, n = 0.0, 0
-    for batch in batches:
+    for i, batch in enumerate(batches):
         batch = to_device(batch, device)
-        with autocast():
+        with gradient_sync(model, i == len(batches) - 1), autocast():
             loss, count = loss_fn(model, batch)
         loss.backward()
         loss_sum, n = loss_sum + float(loss.detach()), n + int(count)
         if meter is not None:
             meter.tokens += count_tokens(batch)
-    if n > 0:
+    world, total = _global_count(model, n, device)
+    if total > 0:
         for p in model.parameters():
             if p.grad is not None:
-                p.grad.div_(n)
+                p.grad.div_(total / world)
     return loss_sum, n
+
+
+@contextlib.contextmanager
+def gradient_sync(model, sync: bool):
+    """Let a DDP or FSDP2 model all-reduce its gradients in this backward pass only if `sync`."""
+    if hasattr(model, "require_backward_grad_sync"):  # DistributedDataParallel
+        previous = model.require_backward_grad_sync
+        model.require_backward_grad_sync = sync
+        try:
+            yield
+        finally:
+            model.require_backward_grad_sync = previous
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2's fully_shard
+        model.set_requires_gradient_sync(sync)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def _global_count(model, n: int, device) -> tuple[int, int]:
+    """(ranks whose gradients were averaged, targets summed over them); (1, n) outside data parallelism."""
+    distributed = hasattr(model, "require_backward_grad_sync") or hasattr(model, "set_requires_gradient_sync")
+    if not (distributed and torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 1, n
+    count = torch.tensor([n], dtype=torch.long, device=device)
+    torch.distributed.all_reduce(count)
+    return torch.distributed.get_world_size(), int(count.item())
 
 
 @contextlib.contextmanager
