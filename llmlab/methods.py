@@ -18,11 +18,12 @@ What a family's function is called with:
     data       a pipeline Step class (config: its Config)
 """
 
+import dataclasses
 import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmlab.config import describe
+from llmlab.config import build, describe
 from llmlab.errors import LlmlabError, closest
 
 FAMILIES = ("finetune", "quantize", "prune", "decompose", "distill", "data")
@@ -61,7 +62,7 @@ TABLE: dict[str, dict[str, Entry]] = {
                    extra={"method": "FULL", "whole_model": True}),
         "prefix": _e("peft.prefix", "PrefixConfig", "apply_prefix", "prefix tuning (Li & Liang 2021)",
                      extra={"method": "METHOD"}),
-        "ptuning2": _e("peft.prefix", "PTuningV2Config", "apply_ptuning2", "P-tuning v2: deep prompts (Liu et al. 2022)",
+        "ptuning2": _e("peft.prefix", "PTuningV2Config", "apply_ptuning2", "P-tuning v2: deep prompts (Liu et al.)",
                        extra={"method": "METHOD_V2"}),
         "prompt": _e("peft.prompt", "PromptConfig", "apply_prompt", "prompt tuning (Lester et al. 2021)",
                      extra={"method": "METHOD"}),
@@ -102,7 +103,7 @@ TABLE: dict[str, dict[str, Entry]] = {
     "distill": {
         "ce": _e("distill.kd", "CEConfig", "make_ce_loss", "hard labels only: the baseline"),
         "kd": _e("distill.kd", "KDConfig", "make_kd_loss", "forward KL to the teacher's softened distribution"),
-        "seqkd": _e("distill.seqkd", "SeqKDConfig", "make_seqkd_loss", "sequence-level KD: train on the teacher's outputs"),
+        "seqkd": _e("distill.seqkd", "SeqKDConfig", "make_seqkd_loss", "sequence-level KD: the teacher's outputs"),
         "gkd": _e("distill.gkd", "GKDConfig", "gkd_loss", "generalised JSD on the student's own samples"),
         "minillm": _e("distill.minillm", "MiniLLMConfig", "minillm_loss", "reverse KL by policy gradient"),
         "cot": _e("distill.cot", "CoTConfig", "make_cot_loss", "distilling step-by-step: rationales as targets"),
@@ -116,7 +117,7 @@ TABLE: dict[str, dict[str, Entry]] = {
         "blocklist": _e("data.steps.quality", "BlocklistConfig", "Blocklist", "drop documents with listed words"),
         "redact_pii": _e("data.steps.redact", "RedactConfig", "RedactPII", "redact e-mails, phones, IPs"),
         "exact_dedup": _e("data.steps.exact_dedup", "ExactDedupConfig", "ExactDedup", "exact duplicate documents"),
-        "minhash_dedup": _e("data.steps.minhash", "MinhashDedupConfig", "MinhashDedup", "near duplicates by MinHash-LSH"),
+        "minhash_dedup": _e("data.steps.minhash", "MinhashDedupConfig", "MinhashDedup", "near duplicates (MinHash)"),
         "sentence_dedup": _e("data.steps.sentence_dedup", "SentenceDedupConfig", "SentenceDedup",
                              "repeated sentence spans"),
         "substring_dedup": _e("data.steps.substring", "SubstringDedupConfig", "SubstringDedup",
@@ -142,7 +143,8 @@ def entry(family: str, name: str) -> Entry:
 def check(family: str, name: str, option: str = "--method") -> Entry:
     """The entry, or the one-line error a verb gives for its `--method` option."""
     if name not in TABLE[family]:
-        raise LlmlabError(f"unknown {option} '{name}'{closest(name, TABLE[family])}; use one of {', '.join(TABLE[family])}")
+        raise LlmlabError(f"unknown {option} '{name}'{closest(name, TABLE[family])}; "
+                          f"use one of {', '.join(TABLE[family])}")
     return TABLE[family][name]
 
 
@@ -159,6 +161,25 @@ def load(family: str, name: str) -> tuple[type, Any, Entry]:
         raise LlmlabError(f"{NOUNS[family]} method '{name}' is not available in this llmlab "
                           f"(no {e.module.replace('.', '/')}.py)") from None
     return getattr(module, e.config), getattr(module, e.function), e
+
+
+def build_options(family: str, name: str, options: dict, flags: dict) -> Any:
+    """The method's config from a verb's `--options.*` and its top-level flags, {flag: (config key, value)}
+    (a value of None is a flag not given). A flag the method has no key for, or one that contradicts
+    `--options.KEY`, is a one-line error."""
+    cfg_cls, _, _ = load(family, name)
+    names = {f.name for f in dataclasses.fields(cfg_cls)}
+    options = {str(k).replace("-", "_"): v for k, v in options.items()}
+    for flag, (key, value) in flags.items():
+        if value is None:
+            continue
+        if key not in names:
+            raise LlmlabError(f"--{flag} does not apply to --method {name}; its options are "
+                              f"{', '.join(sorted(names)) or 'none'}")
+        if key in options and options[key] != value:
+            raise LlmlabError(f"--{flag} {value} and --options.{key} {options[key]} disagree; give one")
+        options[key] = value
+    return build(cfg_cls, options, "options")
 
 
 def attribute(family: str, name: str, key: str):

@@ -68,6 +68,7 @@ from llmlab.config import field
 from llmlab.errors import LlmlabError
 from llmlab.models.layers import decoder_layers
 from llmlab.models.llmlab_llama import MODEL_TYPE, as_llmlab_llama
+from llmlab.models.surgery import count_parameters
 from llmlab.peft.base import adapter_modules, delete_adapter
 from llmlab.peft.lora import LoraConfig, apply_lora
 
@@ -181,7 +182,7 @@ def pruned_layers(model, cfg: LLMPrunerConfig) -> range:
 
 def n_params(model) -> int:
     """Parameters, a tied tensor counted once."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return count_parameters(model)
 
 
 def _layer_params(layer, dims: Dims) -> int:

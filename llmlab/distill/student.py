@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from llmlab.config import field
 from llmlab.errors import LlmlabError
 from llmlab.models import decoder_layers, load_model
+from llmlab.models.surgery import set_module
 
 SOURCES = ("drop", "fresh")  # any other value is a model spec, loaded with load_model
 
@@ -67,8 +68,7 @@ def drop_layers(teacher, keep: list[int]):
         for module in layer.modules():  # the KV cache is indexed by each attention's layer_idx
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = new_index
-    parent_name = next(name for name, m in student.named_modules() if m is stack).rpartition(".")
-    setattr(student.get_submodule(parent_name[0]) if parent_name[0] else student, parent_name[2], kept)
+    set_module(student, next(name for name, m in student.named_modules() if m is stack), kept)
     _set_layer_count(student.config, keep)
     return student.requires_grad_(True)
 

@@ -149,7 +149,6 @@ def battle(answers: dict[str, list[str]], questions: list[str], judge, progress:
 
 
 def read_prompts(path: str, limit: int | None = None) -> list[str]:
-
     if not path:
         raise LlmlabError("arena needs prompts: --prompts FILE (.txt one per line, or .jsonl with 'prompt')")
     if not Path(path).is_file():

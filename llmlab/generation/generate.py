@@ -1,8 +1,8 @@
 """llmlab's own decoding loop: prefill a left-padded batch once, then one token per step from a KV cache.
 
 The model is any transformers causal LM; only its forward pass is used, with its cache argument
-(a `DynamicCache`, passed as `cache` or `past_key_values`: see forward.py) carrying the keys and values of everything seen so far, so each step feeds one
-new token per sequence. transformers' `model.generate` is the oracle in the tests and the peer in
+(a `DynamicCache`, passed as `cache` or `past_key_values`: see forward.py) carrying the keys and
+values of everything seen so far, so each step feeds one new token per sequence. transformers' `model.generate` is the oracle in the tests and the peer in
 `benchmarks/bench_generate.py`.
 
 Left padding keeps every sequence's last token in the last column, so one step serves the whole

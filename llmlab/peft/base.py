@@ -200,7 +200,6 @@ def merge_and_unload(model: nn.Module, names: list[str] | None = None) -> nn.Mod
 
 
 def _unwrap(model: nn.Module, path: str, module: Adapters):
-
     if isinstance(module, AdapterLayer):
         set_module(model, path, module.base_layer)
     elif hasattr(module, "detach"):  # input-side methods remove their hooks

@@ -73,7 +73,8 @@ class TokenizerConfig:
             raise LlmlabError("--input.path is required: the text to train on (file, folder or glob)")
         bad = [k for k in self.kinds if k not in TOKENIZER_KINDS]
         if bad or not self.kinds:
-            raise LlmlabError(f"--kinds must name tokenizers from {', '.join(TOKENIZER_KINDS)}; got {', '.join(bad) or 'none'}")
+            raise LlmlabError(f"--kinds must name tokenizers from {', '.join(TOKENIZER_KINDS)}; "
+                              f"got {', '.join(bad) or 'none'}")
         if not self.special_tokens:
             raise LlmlabError("--special-tokens needs at least the end-of-text token, e.g. <|endoftext|>")
         if not 256 + len(self.special_tokens) < self.vocab_size <= 1 << 20:  # byte-level BPE starts from 256 bytes
@@ -123,7 +124,6 @@ class PackConfig:
 
 
 def pack_verb(cfg: PackConfig, opts: RunOptions) -> dict:
-
     tokenizer = load_tokenizer(cfg.tokenizer)
     with start_run("data pack", cfg, opts) as run:
         manifest = pack_texts(iter_texts(cfg.input, cfg.max_docs), tokenizer, run.artifact("tokens"),

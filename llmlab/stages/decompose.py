@@ -10,6 +10,7 @@ from llmlab.config import field
 from llmlab.errors import LlmlabError
 from llmlab.models.load import ModelOptions
 from llmlab.models.packed.io import save_decomposed
+from llmlab.models.surgery import count_parameters
 from llmlab.runs import start_run
 
 
@@ -37,11 +38,10 @@ class DecomposeConfig(ModelOptions):
 
 
 def decompose_verb(cfg: DecomposeConfig, opts) -> dict:
-
     lr_cfg = cfg.lowrank_config()
     model, tokenizer = cfg.load_model()
     calib = calibration_data(tokenizer, cfg.calib, cfg.n_samples, cfg.seq_len, cfg.seed) if lr_cfg.needs_calib else None
-    before, bytes_before = sum(p.numel() for p in set(model.parameters())), state_bytes(model)
+    before, bytes_before = count_parameters(model), state_bytes(model)
     with start_run("decompose", cfg, opts) as run:
         start = time.perf_counter()
         decompose(model, calib, lr_cfg)
@@ -50,7 +50,7 @@ def decompose_verb(cfg: DecomposeConfig, opts) -> dict:
         ranks = list(model.llmlab_lowrank["modules"].values())
         result = {"model": cfg.model, "method": cfg.method, "layers": len(ranks),
                   "mean_rank": round(sum(ranks) / max(len(ranks), 1), 1), "params_before": before,
-                  "params_after": sum(p.numel() for p in set(model.parameters())), "bytes_before": bytes_before,
+                  "params_after": count_parameters(model), "bytes_before": bytes_before,
                   "size_on_disk_bytes": folder_bytes(saved), "seconds": round(seconds, 2), "saved": str(saved)}
         run.log_metrics(**result)
         summary = run.finish(result)

@@ -17,6 +17,7 @@ from llmlab.distill.student import StudentConfig, make_student
 from llmlab.errors import LlmlabError
 from llmlab.evaluate.perplexity import perplexity
 from llmlab.models import load_model, save_model
+from llmlab.models.surgery import count_parameters
 from llmlab.runs import RunOptions, start_run
 
 
@@ -76,12 +77,10 @@ def distill_verb(cfg: DistillConfig, opts: RunOptions) -> dict:
                   "student_ppl": ppl(student)} if eval_text else {}
         saved = str(save_model(student, tokenizer, run.path / "model")) if cfg.save else None
         summary = run.finish({"teacher": cfg.teacher, "method": cfg.method, "saved": saved, **result, **scores,
-                              "teacher_params": _params(teacher), "student_params": _params(student)})
+                              "teacher_params": count_parameters(teacher), "student_params": count_parameters(student)})
     shown = f", student ppl {scores['student_ppl']:.2f} (teacher {scores['teacher_ppl']:.2f})" if scores else ""
-    print(f"distilled {cfg.teacher} into a {_params(student) / 1e6:.2f}M-parameter student with {cfg.method} "
+    print(f"distilled {cfg.teacher} into a {count_parameters(student) / 1e6:.2f}M-parameter student with {cfg.method} "
           f"for {result['steps']} steps, loss {result['train_loss']:.4f}{shown} -> {saved or run.path}")
     return summary
 
 
-def _params(model) -> int:
-    return sum(p.numel() for p in model.parameters())

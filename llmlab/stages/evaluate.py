@@ -74,7 +74,6 @@ class ExactMatchConfig(ModelOptions):
 
 
 def exact_match_verb(cfg: ExactMatchConfig, opts: RunOptions) -> dict:
-
     if not cfg.data:
         raise LlmlabError("eval em needs a .jsonl file of alpaca rows: --data FILE (see `llmlab data tasks`)")
     rows = read_rows(cfg.data, cfg.limit)
@@ -142,7 +141,6 @@ class CEvalConfig(MMLUConfig):
 
 
 def exam_verb(cfg: MMLUConfig, opts: RunOptions) -> dict:
-
     model, tokenizer = cfg.load_model()
     if cfg.adapter:
 
@@ -197,7 +195,6 @@ class ArcConfig(ModelOptions):
 
 
 def arc_verb(cfg: ArcConfig, opts: RunOptions) -> dict:
-
     model, tokenizer = cfg.load_model()
     if cfg.adapter:
 
@@ -236,7 +233,6 @@ class GSM8KConfig(ModelOptions):
 
 
 def gsm8k_verb(cfg: GSM8KConfig, opts: RunOptions) -> dict:
-
     rows = load_gsm8k(cfg.data, cfg.split)[:cfg.limit]
     model, tokenizer = cfg.load_model()
     if cfg.adapter:

@@ -13,7 +13,7 @@ from llmlab import methods
 from llmlab.compress.calibrate import calibration_data
 from llmlab.compress.prune import check_model, n_params, prune_method
 from llmlab.compress.sparsity import sparsity_report
-from llmlab.config import build, field
+from llmlab.config import field
 from llmlab.errors import LlmlabError
 from llmlab.models import save_model
 from llmlab.models.load import ModelOptions
@@ -53,25 +53,12 @@ class PruneConfig(ModelOptions):
 
     def method_config(self):
         """The method's <Name>Config from --sparsity/--pattern and --options.*."""
-        cfg_cls, _, _ = prune_method(self.method)
-        names = {f.name for f in dataclasses.fields(cfg_cls)}
-        options = {str(k).replace("-", "_"): v for k, v in self.options.items()}
         flags = {"sparsity": (methods.entry("prune", self.method).extra["sparsity_key"], self.sparsity),
                  "pattern": ("pattern", self.pattern or None)}
-        for flag, (key, value) in flags.items():
-            if value is None:
-                continue
-            if key not in names:
-                raise LlmlabError(f"--{flag} does not apply to --method {self.method}; its options are "
-                                  f"{', '.join(sorted(names)) or 'none'}")
-            if key in options and options[key] != value:
-                raise LlmlabError(f"--{flag} {value} and --options.{key} {options[key]} disagree; give one")
-            options[key] = value
-        return build(cfg_cls, options, "options")
+        return methods.build_options("prune", self.method, self.options, flags)
 
 
 def prune_verb(cfg: PruneConfig, opts: RunOptions) -> dict:
-
     method_cfg = cfg.method_config()
     _, prune, needs_calib = prune_method(cfg.method)
     model, tokenizer = cfg.load_model()

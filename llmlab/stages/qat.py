@@ -16,7 +16,6 @@ from llmlab.train.losses import SoftTargetLoss
 
 
 def qat_verb(cfg: QATConfig, opts: RunOptions) -> dict:
-
     ppl_text = read_text(cfg.ppl_data) if cfg.ppl_data else None  # a missing file fails before any work
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     with start_run("qat", cfg, opts) as run:

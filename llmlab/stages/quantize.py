@@ -16,7 +16,7 @@ from llmlab import methods
 from llmlab.compress.calibrate import calibration_data
 from llmlab.compress.lowrank import add_lorc
 from llmlab.compress.quantize import COMMON, check_model, folder_bytes, get_method, grid_options, state_bytes
-from llmlab.config import build, field
+from llmlab.config import field
 from llmlab.errors import LlmlabError
 from llmlab.models.load import ModelOptions
 from llmlab.models.packed.io import save_quantized
@@ -61,25 +61,11 @@ class QuantizeConfig(ModelOptions):
 
     def method_config(self):
         """The method's <Name>Config from --bits/--group-size/--symmetric and --options.*."""
-        cfg_cls, _, _ = get_method(self.method)
-        names = {f.name for f in dataclasses.fields(cfg_cls)}
-        options = {str(k).replace("-", "_"): v for k, v in self.options.items()}
-        for key in COMMON:
-            value = getattr(self, key)
-            if value is None:
-                continue
-            flag = "--" + key.replace("_", "-")
-            if key not in names:
-                raise LlmlabError(f"{flag} does not apply to --method {self.method}; its options are "
-                                  f"{', '.join(sorted(names)) or 'none'}")
-            if key in options and options[key] != value:
-                raise LlmlabError(f"{flag} {value} and --options.{key} {options[key]} disagree; give one")
-            options[key] = value
-        return build(cfg_cls, options, "options")
+        flags = {key.replace("_", "-"): (key, getattr(self, key)) for key in COMMON}
+        return methods.build_options("quantize", self.method, self.options, flags)
 
 
 def quantize_verb(cfg: QuantizeConfig, opts: RunOptions) -> dict:
-
     method_cfg = cfg.method_config()
     _, quantize, needs_calib = get_method(cfg.method)
     model, tokenizer = cfg.load_model()
@@ -112,7 +98,6 @@ def quantize_verb(cfg: QuantizeConfig, opts: RunOptions) -> dict:
 
 
 def _calibration(cfg: QuantizeConfig, tokenizer):
-
     return calibration_data(tokenizer, cfg.calib, n_samples=cfg.n_samples, seq_len=cfg.seq_len, seed=cfg.seed)
 
 

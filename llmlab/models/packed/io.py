@@ -40,6 +40,7 @@ from llmlab.models.packed.lowrank import LoRCLinear, LowRankLinear
 from llmlab.models.packed.nf4 import NF4Linear
 from llmlab.models.packed.qlinear import QuantizedLinear, QuantLinear, quantized_linears
 from llmlab.models.packed.w8a8 import LLMInt8Linear, W8A8Linear
+from llmlab.models.surgery import set_module
 
 MARKER = "llmlab_quantization.json"
 WEIGHTS = "model.safetensors"
@@ -142,8 +143,7 @@ def _swap_in(model, name: str, options: dict, folder: Path):
             layer = cls.empty(in_features, out_features, old.bias is not None, **options)
     except TypeError as e:
         raise LlmlabError(f"{folder / MARKER}: bad options for {name} ({e})") from None
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, layer)
+    set_module(model, name, layer)
 
 
 def _layer_class(kind, folder: Path):
