@@ -2,8 +2,8 @@
 
 The model is any transformers causal LM; only its forward pass is used, with its cache argument
 (a `DynamicCache`, passed as `cache` or `past_key_values`: see forward.py) carrying the keys and
-values of everything seen so far, so each step feeds one new token per sequence. transformers' `model.generate` is the oracle in the tests and the peer in
-`benchmarks/bench_generate.py`.
+values of everything seen so far, so each step feeds one new token per sequence. transformers'
+`model.generate` is the oracle in the tests and the peer in `benchmarks/bench_generate.py`.
 
 Left padding keeps every sequence's last token in the last column, so one step serves the whole
 batch; the attention mask hides the pads and the position ids count real tokens only,
