@@ -41,6 +41,7 @@ from llmlab.distill.gkd import on_policy_batch
 from llmlab.distill.kd import ce_loss
 from llmlab.distill.seqkd import Rollout
 from llmlab.errors import LlmlabError
+from llmlab.generation.forward import cache_kwargs
 from llmlab.train.losses import log_probs, reverse_kl, shifted
 
 
@@ -78,12 +79,12 @@ class MixedPolicy:
     def train(self, mode: bool = True):
         self.student.train(mode)
 
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True,
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=True,
                  logits_to_keep=0):
-        caches = past_key_values or (None, None)
+        caches = cache or (None, None)
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
-        out_q = self.student(**kwargs, past_key_values=caches[0], **_keep(self.student, logits_to_keep))
-        out_p = self.teacher(**kwargs, past_key_values=caches[1], **_keep(self.teacher, logits_to_keep))
+        out_q = self.student(**kwargs, **cache_kwargs(self.student, caches[0]), **_keep(self.student, logits_to_keep))
+        out_p = self.teacher(**kwargs, **cache_kwargs(self.teacher, caches[1]), **_keep(self.teacher, logits_to_keep))
         log_q, log_p = log_probs(out_q.logits[:, -1:]), log_probs(out_p.logits[:, -1:])  # (B, 1, V)
         mixed = torch.logaddexp(log_p + math.log(self.alpha), log_q + math.log1p(-self.alpha))
         return SimpleNamespace(logits=mixed, past_key_values=(out_q.past_key_values, out_p.past_key_values))

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from llmlab.errors import LlmlabError
+from llmlab.generation.forward import cache_kwargs
 from llmlab.models import context_length
 
 STRATEGIES = ("packed", "full")
@@ -227,7 +228,7 @@ def _packed_batch(model, qs: list[Question], prefix_len: int, cache) -> list[lis
         past = DynamicCache([(k.expand(R, -1, -1, -1), v.expand(R, -1, -1, -1)) for k, v in cache])
     keep, cols = _kept_positions(model, targets, device)
     logits = model(input_ids=ids, attention_mask=_block_mask(question, part, prefix_len, dtype), position_ids=pos,
-                   past_key_values=past, use_cache=past is not None, **keep).logits  # (R, T or kept, V)
+                   use_cache=past is not None, **cache_kwargs(model, past), **keep).logits  # (R, T or kept, V)
     return _collect(logits, targets, cols, [len(q.continuations) for q in qs])
 
 

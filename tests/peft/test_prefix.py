@@ -55,7 +55,7 @@ def test_prefix_is_a_kv_cache_ahead_of_the_sequence():
     # layer l: keys, then values, each 2 kv heads × 16 wide
     heads = [(split(P[:, 64 * i:64 * i + 32]), split(P[:, 64 * i + 32:64 * i + 64])) for i in range(2)]
     with disabled(model), torch.no_grad():
-        expected = model(input_ids=IDS, past_key_values=DynamicCache(heads), attention_mask=torch.ones(B, n + T),
+        expected = model(input_ids=IDS, cache=DynamicCache(heads), attention_mask=torch.ones(B, n + T),
                          position_ids=torch.arange(n, n + T).expand(B, T)).logits
     torch.testing.assert_close(logits(model), expected, rtol=0, atol=1e-6)
 
