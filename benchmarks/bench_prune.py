@@ -72,7 +72,8 @@ def run_row(method: str, pattern: str, args) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="dense," + ",".join(METHODS[:3]), help="dense and/or methods, comma-separated")
-    parser.add_argument("--patterns", default="50%,2:4", help=f"comma-separated, of {', '.join(PATTERNS)}".replace('%', '%%'))  # argparse formats help with %
+    names = ", ".join(PATTERNS).replace("%", "%%")  # argparse formats help strings with %
+    parser.add_argument("--patterns", default="50%,2:4", help=f"comma-separated, of {names}")
     parser.add_argument("--n-samples", type=int, default=32, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
     parser.add_argument("--max-windows", type=int, default=4, help="score the first N 2048-token windows "
