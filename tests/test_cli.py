@@ -23,6 +23,13 @@ def test_help_lists_every_stage(capsys):
     assert all(verb in out for verb in STAGES)
 
 
+@pytest.mark.parametrize("verb", list(STAGES))
+def test_every_stage_imports_and_its_help_renders(verb, capsys):
+    assert main([*verb.split(), "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: llmlab {verb} ") and STAGES[verb][4] in out and "--out" in out
+
+
 def test_stage_help_lists_its_options(capsys):
     assert main(["eval", "ppl", "--help"]) == 0
     out = capsys.readouterr().out
