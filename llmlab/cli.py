@@ -211,20 +211,28 @@ def _usage() -> str:
 
 
 def _verb_help(verb: str, cfg_cls, positionals: list[str]) -> str:
-    from llmlab.config import describe
+    from llmlab.config import describe, type_names
 
-    rows = [r for r in describe(cfg_cls) if r[0][2:].replace("-", "_") not in [p.rstrip("*") for p in positionals]]
-    rows += [("--config", "", "YAML file of options"), ("--out", "runs/<verb>-<time>", "run folder"),
-             ("--name", "", "run name in the registry"), ("--registry", "runs/registry.sqlite", "run registry"),
-             ("--json", "false", "print the summary as JSON on the last line"),
-             ("--debug", "false", "show tracebacks")]
-    width = max(len(r[0]) for r in rows) + 2
-    lines = [f"  {opt:<{width}}{help_} [default: {default}]" if default else f"  {opt:<{width}}{help_}"
-             for opt, default, help_ in rows]
+    kinds = type_names(cfg_cls)
+    rows = [(opt, kinds.get(opt, ""), default, help_) for opt, default, help_ in describe(cfg_cls)
+            if opt[2:].replace("-", "_") not in [p.rstrip("*") for p in positionals]]
+    rows += [("--config", "FILE", "", "YAML file of options"), ("--out", "DIR", "runs/<verb>-<time>", "run folder"),
+             ("--name", "NAME", "", "run name in the registry"),
+             ("--registry", "PATH", "runs/registry.sqlite", "run registry"),
+             ("--json", "", "false", "print the summary as JSON on the last line"),
+             ("--debug", "", "false", "show tracebacks")]
+    width = max(len(f"{opt} {kind}") for opt, kind, *_ in rows) + 2
+    lines = [f"  {f'{opt} {kind}'.strip():<{width}}{help_}{_default(default, help_)}" for opt, kind, default, help_ in rows]
     args = " ".join(f"[{p[:-1].upper()}…]" if p.endswith("*") else p.upper() + ("…" if p.endswith("s") else "")
                     for p in positionals)
     more = cfg_cls.more_help() if hasattr(cfg_cls, "more_help") else ""  # e.g. each method's options
-    return f"usage: llmlab {verb} {args} [options]\n\n{STAGES[verb][4]}\n\noptions:\n" + "\n".join(lines) + more
+    usage = " ".join(["usage: llmlab", verb, *([args] if args else []), "[options]"])
+    return f"{usage}\n\n{STAGES[verb][4]}\n\noptions:\n" + "\n".join(lines) + more
+
+
+def _default(default: str, help_: str) -> str:
+    """` [default: x]`, unless there is none or the help text already says what happens by default."""
+    return "" if default in ("", "None", "[]", "{}") or "default" in help_ else f" [default: {default}]"
 
 
 def _quiet_libraries(debug: bool):

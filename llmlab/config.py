@@ -160,6 +160,8 @@ def _check(value, hint, where: str):
                               f"{closest(str(value), map(str, args))}")
         return value
     if origin is list:
+        if isinstance(value, str):  # `--adapter.targets q_proj,v_proj`, or `targets: q_proj` in YAML
+            return parse_text(value, hint, where)
         if not isinstance(value, list):
             raise LlmlabError(f"{where} expects a list, got {type(value).__name__} {value!r}")
         return [_check(v, args[0], where) for v in value]
@@ -169,6 +171,8 @@ def _check(value, hint, where: str):
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint in (int, float) and isinstance(value, str):  # YAML 1.1 reads `lr: 1e-3` as a string
+        return parse_text(value, hint, where)
     if hint is Any or (isinstance(hint, type) and isinstance(value, hint)
                        and not (hint is int and isinstance(value, bool))):
         return value
@@ -194,6 +198,32 @@ def describe(cls, prefix: str = "") -> list[tuple[str, str, str]]:
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
         rows.append((f"--{prefix}{f.name.replace('_', '-')}", str(default), f.metadata.get("help", "")))
     return rows
+
+
+def type_names(cls, prefix: str = "") -> dict[str, str]:
+    """--option -> what it takes (INT, FLOAT, TEXT, LIST, a|b|c, KEY=VALUE …), for `--help`; flags take nothing."""
+    names = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            names.update(type_names(hint, f"{prefix}{f.name}."))
+        else:
+            names[f"--{prefix}{f.name.replace('_', '-')}"] = _type_name(hint)
+    return names
+
+
+def _type_name(hint) -> str:
+    if _is_optional(hint):
+        return _type_name(next(a for a in typing.get_args(hint) if a is not type(None)))
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "|".join(map(str, typing.get_args(hint)))
+    if origin is list:
+        return _type_name(typing.get_args(hint)[0]) + ",…"
+    if _is_mapping(hint):
+        return "(.KEY VALUE)"
+    return {bool: "", int: "INT", float: "FLOAT", str: "TEXT"}.get(hint, "VALUE")
 
 
 def bool_keys(cls, prefix: str = "") -> set[str]:

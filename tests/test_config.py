@@ -102,3 +102,40 @@ def test_dict_field_takes_section_key_overrides_as_yaml_values(tmp_path):
         config.load(WithOptions, None, {"adapter.r": "[1,"})
     with pytest.raises(LlmlabError, match=r"unknown option '--adapterr.r' \(did you mean '--adapter"):
         config.load(WithOptions, None, {"adapterr.r": "1"})
+
+
+def test_yaml_numbers_that_yaml_reads_as_strings_are_numbers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: '20'\noptim: {lr: 1e-3}\n")  # YAML 1.1 reads 1e-3 (no dot) as a string
+    cfg = config.load(Train, path)
+    assert cfg.optim.lr == 1e-3 and cfg.steps == 20
+    path.write_text("optim: {lr: fast}\n")
+    with pytest.raises(LlmlabError, match="config.optim.lr expects a number, got 'fast'"):
+        config.load(Train, path)
+
+
+def test_a_list_option_inside_a_free_form_section_parses_from_the_command_line(tmp_path):
+    @dataclasses.dataclass
+    class Method:
+        targets: list[str] = field([])
+        r: int = 8
+
+    @dataclasses.dataclass
+    class Verb:
+        adapter: dict = field({})
+
+    cfg = config.load(Verb, None, {"adapter.targets": "q_proj,v_proj", "adapter.r": "16"})
+    assert config.build(Method, cfg.adapter) == Method(targets=["q_proj", "v_proj"], r=16)
+    cfg = config.load(Verb, None, {"adapter.targets": "all-linear"})
+    assert config.build(Method, cfg.adapter).targets == ["all-linear"]
+
+
+def test_help_shows_types_once_per_default_and_no_double_space(capsys):
+    from llmlab.cli import main
+
+    assert main(["finetune", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: llmlab finetune [options]")
+    assert "--max-len INT" in out and "--train.lr FLOAT" in out and "--train.betas FLOAT,…" in out
+    line = next(l for l in out.splitlines() if l.strip().startswith("--train.max-steps"))
+    assert "(default: --train.epochs" in line and "[default:" not in line
