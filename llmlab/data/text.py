@@ -24,10 +24,16 @@ def read_text(path: str | Path) -> str:
                           "convert it with `iconv -t utf-8`") from None
 
 
+def lines(text: str) -> list[str]:
+    """The lines of a file's text, broken at "\n" (and "\r\n") only. `str.splitlines` also breaks at
+    U+0085, U+2028, U+2029, form feeds and lone "\r", which real data holds inside its fields."""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSON Lines file; errors name the line."""
     rows = []
-    for number, line in enumerate(read_text(path).splitlines(), 1):
+    for number, line in enumerate(lines(read_text(path)), 1):
         if not line.strip():
             continue
         try:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from llmlab.data.text import read_jsonl
+from llmlab.data.text import lines, read_jsonl
 from llmlab.errors import LlmlabError
 from llmlab.generation.generate import encode
 
@@ -160,7 +160,7 @@ def read_prompts(path: str, limit: int | None = None) -> list[str]:
                 raise LlmlabError(f"{path}:{number}: each row needs a string 'prompt' field")
             prompts.append(row["prompt"])
     else:
-        prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [line.strip() for line in lines(Path(path).read_text(encoding="utf-8")) if line.strip()]
     if not prompts:
         raise LlmlabError(f"{path} holds no prompts")
     return prompts[:limit]

@@ -18,6 +18,7 @@ categories live in exams.yaml.
 """
 
 import csv
+import io
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -51,7 +52,8 @@ class Row:
 def read_csv(path: str | Path, header: bool) -> list[Row]:
     """Questions of one subject file; errors name the file and the CSV row (row 1 is the file's first)."""
     path = Path(path)
-    records = list(csv.reader(read_text(path).splitlines(keepends=True)))
+    records = list(csv.reader(io.StringIO(read_text(path), newline="")))  # the csv module finds the rows: a field
+    # may hold line breaks of every kind (the official MMLU test split has a U+2028 inside a question)
     where = dict(zip(COLUMNS, range(6)))
     if header:
         names = [n.strip().lower() for n in records[0]]

@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 from llmlab.atomic import atomic_write, atomic_write_json
+from llmlab.data.text import lines
 from llmlab.errors import LlmlabError
 from llmlab.runs import Registry, format_table
 
@@ -208,7 +209,7 @@ def _metrics(run_path: str) -> list[dict]:
     if not path.is_file():
         return []
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in lines(path.read_text(encoding="utf-8")):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:  # a run killed mid-line leaves half a line: skip it

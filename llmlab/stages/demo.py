@@ -11,7 +11,7 @@ from importlib import resources
 
 from llmlab.atomic import atomic_write_jsonl
 from llmlab.config import field
-from llmlab.data.text import read_text
+from llmlab.data.text import lines, read_text
 from llmlab.evaluate.perplexity import perplexity
 from llmlab.generation.generate import SamplingConfig, encode, generate_batch
 from llmlab.models.load import ModelOptions
@@ -59,4 +59,4 @@ def _echo(piece: str):
 
 
 def _lines(text: str) -> list[str]:
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    return [line.strip() for line in lines(text) if line.strip()]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from llmlab.atomic import atomic_write_jsonl
 from llmlab.config import field
-from llmlab.data.text import read_jsonl, read_text
+from llmlab.data.text import lines, read_jsonl, read_text
 from llmlab.errors import LlmlabError
 from llmlab.generation.generate import Generation, SamplingConfig, encode, generate_batch, unescape
 from llmlab.models.load import ModelOptions
@@ -107,7 +107,7 @@ def read_prompts(cfg: GenerateConfig) -> tuple[list[str], list[str | None]]:
     if path.suffix == ".jsonl":
         rows = _jsonl_prompts(path)
     else:
-        rows = [(ln, None) for ln in read_text(path).splitlines() if ln.strip()]
+        rows = [(ln, None) for ln in lines(read_text(path)) if ln.strip()]
     if not rows:
         raise LlmlabError(f"{path} holds no prompts")
     return [p for p, _ in rows], [a for _, a in rows]

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from llmlab.atomic import atomic_write_jsonl
 from llmlab.config import field
 from llmlab.data.packing import to_device
+from llmlab.data.text import lines
 from llmlab.errors import LlmlabError
 from llmlab.train.checkpoint import (
     checkpoint_name,
@@ -439,5 +440,5 @@ def _resume(resume, model, optimizer, loader, run, max_steps: int) -> tuple[int,
 def _trim_metrics(path: Path, step: int):
     """Drop the lines a killed run logged after its last checkpoint: the resumed run logs them again."""
     if path.is_file():
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [json.loads(line) for line in lines(path.read_text(encoding="utf-8")) if line.strip()]
         atomic_write_jsonl(path, [r for r in rows if r.get("step", 0) <= step])

@@ -131,3 +131,12 @@ def test_no_chat_template_suggests_the_built_in_one(tmp_path):
     assert _targets(tok, ex) == f"hi{END}"
     # plain text needs no template at all
     assert load_sft_data(_jsonl(tmp_path / "t.jsonl", [{"text": "x y"}]), tok).train
+
+
+def test_read_jsonl_breaks_lines_at_newlines_only(tmp_path):
+    from llmlab.data.text import read_jsonl
+
+    rows = [{"text": "a\u2028b\x0cc\u0085d\re"}, {"text": "second"}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows), encoding="utf-8")
+    assert [r for _, r in read_jsonl(path)] == rows

@@ -164,3 +164,13 @@ def test_builtin_model_matches_lm_eval_on_real_mmlu(tmp_path):
     for sample, record in zip(theirs, ours["records"]):
         assert record["lls"] == pytest.approx([r[0][0] for r in sample["resps"]], abs=1e-3)
         assert record["acc"] == sample["acc"]
+
+
+def test_a_field_holding_unicode_line_breaks_stays_one_row(tmp_path):
+    # the official MMLU test split has a U+2028 inside a question; form feeds and U+0085 occur in real data too
+    text = 'What is x?\u2028(two lines)\x0c,1,2,"3\u0085",4,A\r\nSecond?,a,b,c,d,B\r\n'
+    path = tmp_path / "algebra_test.csv"
+    path.write_text(text, encoding="utf-8", newline="")
+    rows = read_csv(path, header=False)
+    assert [r.question for r in rows] == ["What is x?\u2028(two lines)\x0c", "Second?"]
+    assert rows[0].options[2] == "3\u0085" and rows[1].answer == "B"

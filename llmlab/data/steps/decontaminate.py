@@ -37,6 +37,7 @@ from typing import Iterator, Literal
 from llmlab.config import field
 from llmlab.data.steps.base import Step, StepLog
 from llmlab.data.steps.exact_dedup import words
+from llmlab.data.text import lines
 from llmlab.errors import LlmlabError, closest
 
 QUESTION_KEYS = ("question", "Question", "instruction", "prompt", "problem", "text", "query")
@@ -79,7 +80,7 @@ def _read_file(path: str, fields: tuple[str, ...]) -> list[str]:
         elif path.endswith(".json"):
             rows = json.load(f)
         else:
-            return f.read().splitlines()
+            return lines(f.read())
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise LlmlabError(f"{path} must hold JSON objects (a list, or one per line)")
     keys = list(fields) or [next((k for k in QUESTION_KEYS if rows and k in rows[0]), "")]

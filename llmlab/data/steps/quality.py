@@ -35,6 +35,7 @@ from typing import Iterator, Literal
 
 from llmlab.config import field
 from llmlab.data.steps.base import Filter, Step, StepLog
+from llmlab.data.text import lines
 from llmlab.errors import LlmlabError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -55,8 +56,8 @@ def word_list(path: str) -> tuple[str, ...]:
     file = Path(path) if Path(path).is_file() else ASSETS / path
     if not file.is_file():
         raise LlmlabError(f"word list {path} not found; give a text file with one entry per line")
-    lines = (ln.strip() for ln in file.read_text(encoding="utf-8").splitlines())
-    return tuple(ln for ln in lines if ln and not ln.startswith("#"))
+    entries = (ln.strip() for ln in lines(file.read_text(encoding="utf-8")))
+    return tuple(ln for ln in entries if ln and not ln.startswith("#"))
 
 
 def text_lang(doc: dict, option: str) -> str:
