@@ -94,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"llmlab: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a failure inside torch or transformers: one line, the traceback behind --debug
+        if debug:
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        print(f"llmlab: error: {first} (an internal error; run again with --debug for the traceback)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\nllmlab: interrupted", file=sys.stderr)
         return 130

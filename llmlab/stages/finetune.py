@@ -107,11 +107,11 @@ def finetune(cfg: FinetuneConfig, opts: RunOptions) -> dict:
         model = _quantize_base(model, cfg)
     seed_everything(cfg.train.seed)  # adapters start from random weights: the same seed, the same run
     model = apply_method(model, cfg.method, cfg.adapter, tokenizer=tokenizer)
+    block_mask = cfg.packing and packing_mode(model) == "mask"  # probed in fp32, before any weight turns bf16
     if cfg.train.bf16 and cfg.method not in WHOLE_MODEL:
         frozen_linears_to_bf16(model)  # the same numbers under autocast; the run saves only the adapter
     print_trainable_parameters(model)
     trainable, total = trainable_parameters(model)
-    block_mask = cfg.packing and packing_mode(model) == "mask"
     batches = functools.partial(collate, pad_id=tokenizer.pad_token_id, block_mask=block_mask)
     with start_run("finetune", cfg, opts) as run:
         result = fit(model, sft_loss, data.train, cfg.train, collate=batches, eval_data=data.eval or None,

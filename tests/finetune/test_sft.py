@@ -112,3 +112,20 @@ def test_builtin_model_learns_only_its_replies_and_finetunes_with_lora(builtin_m
                  "--max-len", "128", "--out", "run", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["model"] == "smollm2-135m" and summary["steps"] == 2 and 0 < summary["train_loss"] < 10
+
+
+@pytest.mark.parametrize("bf16", ["false", "true"])
+@pytest.mark.parametrize("packing", ["false", "true"])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "adapter", "freeze", "full", "prefix", "ptuning2",
+                                    "prompt", "ptuning"])
+def test_every_method_with_and_without_packing_and_bf16_trains_or_says_why_in_one_line(
+        data, capsys, method, packing, bf16):
+    code = main(["finetune", "--model", "tiny-llama", "--data", data, "--method", method, "--packing", packing,
+                 "--train.bf16", bf16, "--train.max-steps", "1", "--train.batch-size", "4", "--max-len", "64",
+                 "--out", f"run-{method}-{packing}-{bf16}"])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if packing == "true" and method in ("prefix", "ptuning2", "prompt", "ptuning"):  # virtual tokens shift positions
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "packing" in err
+    else:
+        assert code == 0, err
