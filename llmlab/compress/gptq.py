@@ -136,7 +136,7 @@ def _gptq(W, H, spec, damp, block_size, act_order, name):
     W, H, order = W[:, perm], H[perm][:, perm], perm.tolist()  # order[j]: original index of column j
     U = inverse_cholesky(H, damp, name)  # (in, in) upper: row j = (H_F⁻¹)_{j,:} / √[H_F⁻¹]_jj
     Q = torch.zeros_like(W)
-    gs = spec.group_size
+    gs = spec.group_for(n_in)
     for i1 in range(0, n_in, block_size):
         i2 = min(i1 + block_size, n_in)
         W1, Err1, U1 = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2]), U[i1:i2, i1:i2]

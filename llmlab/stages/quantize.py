@@ -84,17 +84,31 @@ def quantize_verb(cfg: QuantizeConfig, opts: RunOptions) -> dict:
                 del reference
             seconds = time.perf_counter() - start
         saved = save_quantized(model, tokenizer, run.artifact("model"), method=cfg.method)
-        result = {"model": cfg.model, "method": cfg.method, **grid_options(method_cfg), "lorc_rank": cfg.lorc_rank,
+        result = {"model": cfg.model, "method": cfg.method, **grid_options(method_cfg),
+                  "group_sizes_used": _groups_used(model), "lorc_rank": cfg.lorc_rank,
                   "quantized_layers": len(quantized_linears(model)), "float_bytes": float_bytes,
                   "model_bytes": state_bytes(model), "size_on_disk_bytes": folder_bytes(saved),
                   "seconds": round(seconds, 2), **memory, "saved": str(saved)}
         run.log_metrics(**result)
         summary = run.finish(result)
+    for width, group in result["group_sizes_used"].items():
+        log.info("group size %s does not divide the %s-wide layers: they use groups of %s (the largest divisor "
+                 "below it)", grid_options(method_cfg).get("group_size"), width, group)
     lorc = f" + LoRC rank {cfg.lorc_rank}" if cfg.lorc_rank else ""
     print(f"quantized {cfg.model} with {cfg.method} ({_describe(method_cfg)}){lorc} in {seconds:.1f} s: "
           f"{result['quantized_layers']} layers, weights {float_bytes / 2**20:.1f} MiB -> "
           f"{result['model_bytes'] / 2**20:.1f} MiB, peak RSS {memory['peak_rss_mb']:.0f} MiB -> {saved}")
     return summary
+
+
+def _groups_used(model) -> dict[int, int]:
+    """in_features -> the group size used, for the layer widths the asked-for group size does not divide."""
+    used = {}
+    for layer in quantized_linears(model).values():
+        spec = getattr(layer, "spec", None)
+        if spec is not None and spec.group_size > 0 and spec.group_for(layer.in_features) != spec.group_size:
+            used[layer.in_features] = spec.group_for(layer.in_features)
+    return dict(sorted(used.items()))
 
 
 def _calibration(cfg: QuantizeConfig, tokenizer):

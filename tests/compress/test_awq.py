@@ -103,5 +103,5 @@ def test_bad_input():
     calib = calibration_data(tok, TEXT, n_samples=2, seq_len=16)
     with pytest.raises(LlmlabError, match="AWQ supports LLaMA-style decoder blocks"):
         quantize_awq(model, calib, AWQConfig(group_size=32))
-    with pytest.raises(LlmlabError, match="group size 48 does not divide"):
-        quantize_awq(load_model("tiny-llama")[0], calib, AWQConfig(group_size=48))
+    llama = quantize_awq(load_model("tiny-llama")[0], calib, AWQConfig(group_size=48))  # 48 divides neither 64
+    assert {m.scales.shape[1] for m in quantized_linears(llama).values()} == {2, 4}  # nor 128: groups of 32

@@ -143,8 +143,6 @@ def test_bad_input(tiny_llama):
         GPTQConfig(skip=["("])
     model = tiny_llama[0]
     calib = torch.zeros(2, 8, dtype=torch.long)
-    with pytest.raises(LlmlabError, match="group size 48 does not divide .*model.layers.0.self_attn.q_proj"):
-        quantize_gptq(model, calib, GPTQConfig(group_size=48))
     with pytest.raises(LlmlabError, match="calibration"):
         quantize_gptq(model, None, GPTQConfig())
     assert not quantized_linears(model)  # nothing was changed

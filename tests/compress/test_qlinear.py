@@ -27,6 +27,7 @@ KERNEL_CASES = [  # spec, the kernel it must pick
     (QuantSpec(4, 128, symmetric=True), "int4"),
     (QuantSpec(4, 0), "int4"),       # per channel: kernel groups of 256, the row's scale repeated
     (QuantSpec(4, 64 * 3), "int4"),  # groups of 192 → kernel groups of 64
+    (QuantSpec(4, 100), "int4"),     # 100 does not divide 576: groups of 96 → kernel groups of 32
 ]
 
 
@@ -34,7 +35,7 @@ KERNEL_CASES = [  # spec, the kernel it must pick
 def test_kernel_layouts_are_exactly_the_stored_grid(spec, kind, monkeypatch):
     """In fp32 (slow, for this check) the kernels differ from F.linear on Ŵ only in summation order."""
     monkeypatch.setattr(QuantLinear, "kernel_dtype", torch.float32)
-    layer = _layer(spec, in_features=576 if spec.group_size == 192 else 256)
+    layer = _layer(spec, in_features=576 if spec.group_size in (100, 192) else 256)
     x = torch.randn(2, 5, layer.in_features)
     y = layer(x)
     assert layer._kernel["kind"] == kind
@@ -46,7 +47,7 @@ def test_kernel_layouts_are_exactly_the_stored_grid(spec, kind, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernels_in_bf16_match_the_dequantized_weight(spec, kind, dtype):
     """By default the kernels take bf16 activations and scales: bf16's 8-bit mantissa is the tolerance."""
-    layer = _layer(spec, in_features=576 if spec.group_size == 192 else 256)
+    layer = _layer(spec, in_features=576 if spec.group_size in (100, 192) else 256)
     x = torch.randn(2, 5, layer.in_features, dtype=dtype)
     y = layer(x)
     assert layer._kernel["kind"] == kind and y.dtype == dtype

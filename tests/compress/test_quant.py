@@ -14,7 +14,6 @@ from llmlab.models.packed.quant import (
     fit_grid,
     quantize,
     quantize_column,
-    suggest_group_size,
 )
 
 
@@ -91,12 +90,14 @@ def test_bad_specs_are_one_line_errors(kwargs, message):
         QuantSpec(**kwargs)
 
 
-def test_group_size_must_divide_the_row():
-    with pytest.raises(LlmlabError) as e:
-        QuantSpec(4, 128).n_groups(576, name="model.layers.0.mlp.up_proj")
-    assert str(e.value) == ("group size 128 does not divide the in_features=576 of model.layers.0.mlp.up_proj; "
-                            "use a divisor such as 64, or 0 for per-channel")
-    assert suggest_group_size(100, 30) == 25 and suggest_group_size(1536, 128) == 128
+def test_a_group_size_that_does_not_divide_the_row_takes_the_largest_divisor_below_it():
+    spec = QuantSpec(4, 128)
+    assert (spec.group_for(576), spec.n_groups(576)) == (96, 6)  # SmolLM2's width: 128 does not divide it
+    assert (spec.group_for(1536), spec.n_groups(1536)) == (128, 12)
+    w = torch.randn(4, 576)
+    scale, zero = fit_grid(w, spec)
+    assert scale.shape == (4, 6)
+    torch.testing.assert_close(fake_quantize(w, spec), fake_quantize(w, QuantSpec(4, 96)))
 
 
 # ---- parity with torchao's affine quantization primitives on the same weights ----

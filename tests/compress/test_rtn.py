@@ -12,7 +12,7 @@ from llmlab.compress.rtn import RTNConfig, quantize_rtn
 from llmlab.errors import LlmlabError
 from llmlab.models import load_model
 from llmlab.models.packed.qlinear import QuantLinear, quantized_linears
-from llmlab.models.packed.quant import fake_quantize
+from llmlab.models.packed.quant import QuantSpec, fake_quantize
 
 IDS = torch.tensor([[5, 70, 300, 12, 99, 255, 1, 42]])
 
@@ -84,13 +84,16 @@ def test_an_already_quantized_model_is_refused():
         quantize_rtn(model, None, RTNConfig(bits=8, group_size=0))
 
 
-def test_a_group_size_that_does_not_divide_changes_nothing():
+def test_a_group_size_that_does_not_divide_a_width_takes_the_largest_divisor_below_it():
     model, _ = load_model("tiny-llama")  # in_features 64, and 128 for down_proj
-    with pytest.raises(LlmlabError) as e:
-        quantize_rtn(model, None, RTNConfig(bits=4, group_size=48))
-    assert str(e.value) == ("group size 48 does not divide the in_features=64 of model.layers.0.self_attn.q_proj; "
-                            "use a divisor such as 64, or 0 for per-channel")
-    assert not quantized_linears(model)
+    reference = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    quantize_rtn(model, None, RTNConfig(bits=4, group_size=48))
+    for name, layer in quantized_linears(model).items():
+        assert layer.spec.group_for(layer.in_features) == 32  # 48 divides neither: the largest multiple of 32 below
+        expected = fake_quantize(reference[name], QuantSpec(4, 32))  # exactly RTN at group 32
+        torch.testing.assert_close(layer.dequantized_weight(), expected)
+    assert QuantSpec(4, 128).group_for(576) == 96 and QuantSpec(4, 128).group_for(1536) == 128  # SmolLM2's widths
+    assert QuantSpec(4, 64).group_for(100) == 50  # no multiple of 32 divides 100: the largest divisor
 
 
 @pytest.mark.parametrize("kwargs, message", [

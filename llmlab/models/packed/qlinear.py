@@ -128,7 +128,7 @@ class QuantLinear(QuantizedLinear):
         spec = self.spec
         if spec.bits == 8 and spec.symmetric and spec.group_size in (0, -1):
             return "int8"
-        if spec.bits == 4 and self.out_features % 16 == 0 and _int4_group(self.in_features, spec.group_size):
+        if spec.bits == 4 and self.out_features % 16 == 0 and _int4_group(self.in_features, spec.group_for(self.in_features)):
             return "int4"
         return None
 
@@ -160,7 +160,7 @@ def _int8_layout(layer: QuantLinear) -> dict:
 
 
 def _int4_layout(layer: QuantLinear) -> dict:
-    group = _int4_group(layer.in_features, layer.spec.group_size)
+    group = _int4_group(layer.in_features, layer.spec.group_for(layer.in_features))
     q = unpack(layer.qweight, 4, layer.in_features).to(torch.int32)  # (N, K)
     repeat = layer.in_features // group // layer.scales.shape[1]  # kernel groups per stored group
     scales = layer.scales.float().expand(layer.out_features, -1).repeat_interleave(repeat, dim=1)  # (N, K/g)

@@ -42,22 +42,21 @@ class QuantSpec:
         return 2 ** self.bits - 1
 
     def n_groups(self, in_features: int, name: str = "") -> int:
-        """Groups per output row; a group size must divide the row."""
+        """Groups per output row of `in_features` columns (see `group_for`)."""
         if self.group_size <= 0:
             return 1
-        if in_features % self.group_size:
-            what = f"the in_features={in_features} of {name}" if name else f"in_features={in_features}"
-            raise LlmlabError(f"group size {self.group_size} does not divide {what}; use a divisor such as "
-                              f"{suggest_group_size(in_features, self.group_size)}, or 0 for per-channel")
-        return in_features // self.group_size
+        return in_features // self.group_for(in_features)
 
-
-def suggest_group_size(in_features: int, wanted: int) -> int:
-    """The divisor of in_features closest to the wanted group size, a power of two if one is within 2x
-    (the integer kernels take groups of 32·2^k); ties go to the larger."""
-    divisors = [d for d in range(1, in_features + 1) if in_features % d == 0]
-    pow2 = [d for d in divisors if d & (d - 1) == 0 and wanted / 2 <= d <= wanted * 2]
-    return min(pow2 or divisors, key=lambda d: (abs(d - wanted), -d))
+    def group_for(self, in_features: int) -> int:
+        """Columns per group in a row of `in_features`: `group_size` where it divides the row, else the
+        largest divisor of the row below it, a multiple of 32 where there is one (the CPU int4 kernel's
+        groups). Widths that 128 does not divide are common (SmolLM2's 576, 2,880, 5,120 …); like AutoGPTQ
+        choosing a valid size, the layer then gets the nearest smaller group rather than an error. The
+        choice depends on the width alone, so a saved layer's (bits, group_size) rebuild it exactly."""
+        if self.group_size <= 0 or in_features % self.group_size == 0:
+            return self.group_size
+        divisors = [d for d in range(min(self.group_size, in_features), 0, -1) if in_features % d == 0]
+        return next((d for d in divisors if d % 32 == 0), divisors[0])
 
 
 def _grouped(w: Tensor, spec: QuantSpec) -> Tensor:
