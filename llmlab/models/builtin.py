@@ -12,6 +12,7 @@ from pathlib import Path
 from llmlab.errors import LlmlabError
 
 BUILTIN_NAME = "smollm2-135m"
+BUILTIN_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what other tools call it (adapter configs name it)
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

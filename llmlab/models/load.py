@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llmlab.atomic import atomic_dir
 from llmlab.config import field
 from llmlab.errors import LlmlabError, closest
-from llmlab.models.builtin import BUILTIN_NAME, builtin_folder
+from llmlab.models.builtin import BUILTIN_HUB_ID, BUILTIN_NAME, builtin_folder
 from llmlab.models.dtypes import DTYPES, resolve_device, resolve_dtype  # noqa: F401  (re-exported)
 from llmlab.models.packed.io import LOWRANK_MARKER, MARKER, load_decomposed, load_quantized
 from llmlab.models.tiny import tiny_configs, tiny_model
@@ -48,6 +48,12 @@ def load_model(spec: str = BUILTIN_NAME, dtype: str | torch.dtype = "fp32", devi
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     model, tokenizer = _load(str(spec), dtype)
     model = model.to(device=device, dtype=dtype).eval()
+    # The name other tools know the model by (peft's base_model_name_or_path): the hub id of the built-in
+    # model rather than its cache folder, the name a user gave for a tiny one; a folder or hub id stays.
+    if str(spec) == BUILTIN_NAME:
+        model.config._name_or_path = BUILTIN_HUB_ID
+    elif str(spec) in tiny_configs():
+        model.config._name_or_path = str(spec)
     if tokenizer.pad_token is None:  # batching needs one; EOS is the usual stand-in
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

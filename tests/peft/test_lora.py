@@ -1,8 +1,11 @@
+import json
+
 import pytest
 import torch
 from torch import nn
 
 from llmlab.errors import LlmlabError
+from llmlab.models import load_model
 from llmlab.peft import (
     LoraConfig,
     adapter_names,
@@ -126,3 +129,14 @@ def test_adapter_for_another_base_is_refused(tmp_path):
         load_adapter(wider, tmp_path / "a")
     with pytest.raises(LlmlabError, match="match no layer"):
         load_adapter(fresh("tiny-gpt2"), tmp_path / "a")
+
+
+@pytest.mark.parametrize("spec, expected", [("tiny-llama", "tiny-llama"),
+                                            pytest.param("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct",
+                                                         marks=pytest.mark.slow)])
+def test_adapter_config_names_the_base_model_as_other_tools_know_it(tmp_path, spec, expected):
+    model, _ = load_model(spec)
+    apply_lora(model, LoraConfig(r=2, targets=["q_proj"]))
+    save_adapter(model, tmp_path / "a")
+    fields = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert fields["base_model_name_or_path"] == expected
