@@ -185,7 +185,7 @@ def _tensorboard_writer(run):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        log.warning("--train.tensorboard: the tensorboard package is not installed (pip install tensorboard); "
+        log.warning("--train.tensorboard: the tensorboard package is not installed (pip install 'llmlab[monitor]'); "
                     "metrics go to metrics.jsonl only")
         return None
     return SummaryWriter(str(Path(run.path if run is not None else "runs") / "tensorboard"))

@@ -129,3 +129,17 @@ def test_every_method_with_and_without_packing_and_bf16_trains_or_says_why_in_on
         assert code == 2 and len(err.strip().splitlines()) == 1 and "packing" in err
     else:
         assert code == 0, err
+
+
+def test_tensorboard_event_files_hold_the_training_curve(tmp_path, data):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert main(["finetune", "--model", "tiny-llama", "--data", data, "--train.max-steps", "3",
+                 "--train.log-every", "1", "--train.tensorboard", "--out", "tb"]) == 0
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    assert "loss" in events.Tags()["scalars"]
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+    logged = [r["loss"] for r in _metrics(tmp_path / "tb") if "loss" in r]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx(logged, rel=1e-6)
