@@ -39,18 +39,28 @@ def _kasai(s, sa):
     return lcp
 
 
-def test_suffix_array_and_lcp_equal_naive_sort_and_kasai():
+@pytest.mark.parametrize("backend", ["numpy", "divsufsort"])
+def test_suffix_array_and_lcp_equal_naive_sort_and_kasai(backend):
     rng = np.random.default_rng(0)
     for _ in range(300):
         s = rng.integers(0, rng.integers(1, 5), size=rng.integers(1, 80))
-        sa, lcp = suffix_array(s)
+        sa, lcp = suffix_array(s, backend=backend)
         assert sa.tolist() == _naive_sa(s)
         assert lcp.tolist() == _kasai(s.tolist(), sa.tolist())
-        _, capped = suffix_array(s, lcp_cap=4)
+        _, capped = suffix_array(s, lcp_cap=4, backend=backend)
         assert (np.minimum(capped, 4) == np.minimum(lcp, 4)).all()
     text = np.frombuffer(b"mississippi banana bandana", dtype=np.uint8)
-    sa, lcp = suffix_array(text)
+    sa, lcp = suffix_array(text, backend=backend)
     assert sa.tolist() == _naive_sa(text.tolist()) and lcp.tolist() == _kasai(text.tolist(), sa.tolist())
+
+
+def test_divsufsort_gives_the_reference_arrays_on_a_corpus_with_separators_and_a_large_alphabet():
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(0, 50_000, size=rng.integers(50, 400)) for _ in range(40)]
+    docs[7][10:90] = docs[3][:80]  # a planted repeat across documents
+    s, _ = concatenate(docs)
+    reference, fast = suffix_array(s, backend="numpy"), suffix_array(s, backend="divsufsort")
+    assert (reference[0] == fast[0]).all() and (reference[1] == fast[1]).all()
 
 
 def _random_text(rng, n):

@@ -17,7 +17,9 @@ completely striking them from the dataset", the repo's README; `collect` reports
 of all copies); that is the default here. `keep_first: true` keeps the earliest occurrence of
 each repeated window instead. Documents this leaves shorter than `min_chars` are dropped.
 
-SA is built by prefix doubling (Manber & Myers 1990; Larsson & Sadakane 2007) with numpy
+SA and LCP come from pydivsufsort (Y. Mori's libdivsufsort and Kasai's LCP, in C) where it is
+installed, as it is with llmlab; the numpy construction below is the reference the tests hold it
+to, and the fallback. SA is built there by prefix doubling (Manber & Myers 1990; Larsson & Sadakane 2007) with numpy
 sorts: suffixes are grouped by their first h tokens, and each group that still holds more than
 one suffix is re-sorted by the pairs (rank_h[i], rank_h[i+h]) — O(n log n) per round, and the
 rounds after the first few touch only the repeated text. The first rounds are one sort of as
@@ -38,15 +40,20 @@ from llmlab.data.steps.base import Step, StepLog
 from llmlab.errors import LlmlabError
 
 
-def suffix_array(seq: np.ndarray, lcp_cap: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def suffix_array(seq: np.ndarray, lcp_cap: int | None = None, backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """(SA, LCP) of a non-negative integer sequence; LCP[0] = 0, LCP exact up to `lcp_cap` (None: exact).
 
     LCP values ≥ lcp_cap are only known to be ≥ lcp_cap, which is all de-duplication needs and
-    keeps only the rank tables of prefix lengths up to lcp_cap in memory.
+    keeps only the rank tables of prefix lengths up to lcp_cap in memory. `backend`: "divsufsort"
+    (pydivsufsort; exact LCP), "numpy" (the prefix doubling below) or "auto" (the first if installed).
     """
     n, seq = len(seq), np.asarray(seq, dtype=np.int64)
     if n == 0:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    if backend == "divsufsort" or backend == "auto" and _divsufsort() is not None:
+        return _suffix_array_divsufsort(seq)
+    if backend not in ("auto", "numpy"):
+        raise ValueError(f"unknown suffix array backend {backend!r}")
     h = _pack_width(int(seq.max()))
     # tables[l]: equal where the 2^l-token prefixes are equal (packed keys, then group ranks)
     tables = [_prefix_keys(seq, 1 << level) for level in range(h.bit_length())
@@ -69,6 +76,23 @@ def suffix_array(seq: np.ndarray, lcp_cap: int | None = None) -> tuple[np.ndarra
         if lcp_cap is None or h <= lcp_cap:
             tables.append(rank.astype(np.int32))
     return sa, _lcp(sa, tables, n)
+
+
+def _divsufsort():
+    try:
+        import pydivsufsort
+    except ImportError:
+        return None
+    return pydivsufsort
+
+
+def _suffix_array_divsufsort(seq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lib = _divsufsort()
+    if lib is None:
+        raise LlmlabError("the divsufsort backend needs pydivsufsort: pip install pydivsufsort")
+    sa = lib.divsufsort(seq)
+    after = lib.kasai(seq, sa)  # after[i] = LCP(SA[i], SA[i+1]); llmlab's LCP[i] is with SA[i-1]
+    return sa.astype(np.int64), np.concatenate([[0], after[:-1]]).astype(np.int64)
 
 
 def _pack_width(largest: int) -> int:
