@@ -39,6 +39,7 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from llmlab.compress.calibrate import calibration_data, check_skip, layers_prefix, linears_of, skipped
 from llmlab.config import field
@@ -196,6 +197,7 @@ def generate_data(model, tokenizer, n_samples: int, seq_len: int, *, greedy_toke
     out = torch.empty(n_samples, seq_len, dtype=torch.long)
     model.eval()
     batch_no = 0
+    bar = tqdm(total=n_samples, desc="self-generated text", unit="seq", disable=None, leave=False)
     for g in sorted(set(prefix)):  # one batch shares its greedy length, so no row needs padding
         rows = [i for i in range(n_samples) if prefix[i] == g]
         for chunk in (rows[k:k + batch_size] for k in range(0, len(rows), batch_size)):
@@ -207,6 +209,8 @@ def generate_data(model, tokenizer, n_samples: int, seq_len: int, *, greedy_toke
                                                          top_k=top_k, seed=seed + batch_no))
             out[chunk] = torch.tensor(ids)
             batch_no += 1
+            bar.update(len(chunk))
+    bar.close()
     return out
 
 
@@ -291,5 +295,5 @@ def quantize_qat(model, calib: torch.Tensor | None, cfg: QATConfig, *, tokenizer
     if cfg.train.bf16:
         frozen_linears_to_bf16(teacher)
     prepare_qat(model, cfg)
-    fit(model, SoftTargetLoss(teacher), list(calib), cfg.train, collate=collate, run=run, progress=False)
+    fit(model, SoftTargetLoss(teacher), list(calib), cfg.train, collate=collate, run=run)
     return convert_qat(model) if cfg.convert else model

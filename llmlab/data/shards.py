@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from llmlab.atomic import atomic_dir, atomic_write_json
 from llmlab.errors import LlmlabError
@@ -114,6 +115,7 @@ def pack_texts(texts: Iterable[str], tokenizer, out: str | Path, shard_tokens: i
     """Tokenize texts with a transformers tokenizer and pack them; EOS is the tokenizer's eos token."""
     if tokenizer.eos_token_id is None:
         raise LlmlabError(f"tokenizer {name or ''} has no eos token to separate documents")
+    texts = tqdm(texts, desc="tokenizing", unit="doc", disable=None, leave=False)
     return pack_ids(tokenize(texts, tokenizer), out, tokenizer.eos_token_id, len(tokenizer),
                     shard_tokens, dtype, name)
 

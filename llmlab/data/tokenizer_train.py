@@ -23,6 +23,7 @@ Compression is reported as bytes per token, Σ|utf8(x)| / Σ|tokens(x)| over hel
 language: a tokenizer trained on English alone spends about one token per byte on Chinese.
 """
 
+import sys
 from importlib import resources
 from itertools import islice
 from typing import Iterable, Iterator
@@ -48,19 +49,20 @@ def _components(kind: str, vocab_size: int, specials: list[str], min_frequency: 
     """(model, normalizer, pre-tokenizer, decoder, trainer) of one tokenizer kind."""
     from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
+    bar = sys.stderr.isatty()  # the trainers' own progress bars, on a terminal only
     if kind == "bpe":
         return (models.BPE(), None, pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel(),
                 trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
-                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=bar))
     if kind == "wordpiece":
         return (models.WordPiece(unk_token=UNK),
                 normalizers.BertNormalizer(lowercase=False, strip_accents=False, handle_chinese_chars=True),
                 pre_tokenizers.BertPreTokenizer(), decoders.WordPiece(),
                 trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
-                                          limit_alphabet=max(100, vocab_size // 4), show_progress=False))
+                                          limit_alphabet=max(100, vocab_size // 4), show_progress=bar))
     return (models.Unigram(), normalizers.NFKC(), pre_tokenizers.Metaspace(), decoders.Metaspace(),
             trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token=UNK,
-                                    show_progress=False))
+                                    show_progress=bar))
 
 
 def train_tokenizer(texts: Iterable[str], kind: str = "bpe", vocab_size: int = 8000,

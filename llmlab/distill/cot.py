@@ -20,6 +20,7 @@ import re
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from llmlab.config import field
 from llmlab.data.packing import collate, model_inputs
@@ -80,7 +81,8 @@ def teacher_rationales(teacher, tokenizer, questions: list[str], cfg: CoTConfig)
                for q in questions]
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
     texts = []
-    for start in range(0, len(prompts), cfg.gen_batch_size):
+    for start in tqdm(range(0, len(prompts), cfg.gen_batch_size), desc="teacher rationales", unit="batch",
+                      disable=None, leave=False):
         for example in complete(teacher, tokenizer, prompts[start:start + cfg.gen_batch_size], sampling):
             new = [t for t, label in zip(example["input_ids"], example["labels"]) if label != -100]
             texts.append(tokenizer.decode(new, skip_special_tokens=True).strip())

@@ -15,6 +15,8 @@ also how GKD and MiniLLM draw on-policy samples from the student.
 
 import dataclasses
 
+from tqdm.auto import tqdm
+
 from llmlab.config import field
 from llmlab.errors import LlmlabError
 from llmlab.generation.generate import SamplingConfig, decode, eos_ids, pad_id
@@ -88,7 +90,8 @@ def seqkd_data(teacher, tokenizer, examples: list[dict], cfg: SeqKDConfig) -> li
     """The teacher's completion of each example's prompt, as new training examples."""
     prompts = [prompt_of(e["input_ids"], e["labels"], cfg.prompt_len) for e in examples]
     out = []
-    for start in range(0, len(prompts), cfg.gen_batch_size):
+    for start in tqdm(range(0, len(prompts), cfg.gen_batch_size), desc="teacher outputs", unit="batch",
+                      disable=None, leave=False):
         chunk = prompts[start:start + cfg.gen_batch_size]
         out += complete(teacher, tokenizer, chunk, cfg.sampling(cfg.seed + start))
     return out + (list(examples) if cfg.keep_data else [])
