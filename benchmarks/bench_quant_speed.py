@@ -8,7 +8,7 @@ Same model, same prompt, greedy, batch 1, exactly N new tokens through llmlab's 
     … +head                          the same, and lm_head too (RTNConfig(lm_head=True))
 Decoder-layer linears are quantized; embeddings and lm_head stay fp32 (at batch 1 the 49152×576
 lm_head is a fifth of smollm2-135m's multiply-adds per token) unless the name ends in +head.
-The model's activations stay fp32 (the kernels round them to bf16 inside, see qlinear.py). The runs alternate between the variants, so a slow spell
+The model's activations stay fp32 (the kernels round them to bf16 inside, see models/packed/qlinear.py). The runs alternate between the variants, so a slow spell
 of a shared machine hits them all; the median counts. "weights MiB" is the model's tensors as
 saved; "resident MiB" adds the kernels' own weight layouts, made on the first forward pass.
 

@@ -66,6 +66,8 @@ STAGES = {
                  "ARC-Easy and ARC-Challenge: acc and acc_norm by log-likelihood (as lm-eval)"),
     "eval gsm8k": ("llmlab.stages.evaluate", "gsm8k_verb", "GSM8KConfig", [],
                    "GSM8K: 8-shot chain-of-thought generation, exact match on the final number"),
+    "eval harness": ("llmlab.stages.harness", "harness_verb", "HarnessConfig", [],
+                     "any lm-evaluation-harness task on any llmlab model, adapters included"),
     "arena": ("llmlab.stages.arena", "arena_verb", "ArenaConfig", [],
               "pairwise battles between models' answers, judged by a model or a person, as Elo ratings"),
     "report": ("llmlab.stages.report", "report_verb", "ReportConfig", ["runs*"],

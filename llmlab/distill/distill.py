@@ -59,7 +59,6 @@ def text_windows(text: str, tokenizer, max_len: int, max_examples: int | None = 
 
 def training_examples(source: str, tokenizer, max_len: int, max_examples: int | None, seed: int = 0) -> list[dict]:
     if Path(source).suffix.lower() in TEXT_SUFFIXES:
-
         return text_windows(read_text(source), tokenizer, max_len, max_examples)
     return load_sft_data(source, tokenizer, max_len=max_len, seed=seed).train[:max_examples]
 

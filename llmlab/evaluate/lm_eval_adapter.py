@@ -11,7 +11,7 @@ The three request types map onto llmlab's own machinery:
     loglikelihood          llmlab's scorer: requests that share a context are one question, and
                            questions that share a prefix share its KV cache (multiple_choice.py)
     loglikelihood_rolling  lm-eval's own disjoint rolling windows, scored by the same engine
-    generate_until         llmlab's decoding loop (serve/generate.py), greedy unless asked to sample
+    generate_until         llmlab's decoding loop (generation/generate.py), greedy unless asked to sample
 
 `local_tasks` writes lm-eval task YAMLs that include lm-eval's own definition of an exam (MMLU,
 CMMLU, C-Eval subject, ARC, GSM8K CoT) and point it at local data, so that lm-eval's prompts and
@@ -48,7 +48,6 @@ class LlmlabLM(LM):
         super().__init__()
         self.model, self.tokenizer = load_model(model, dtype=dtype, device=device or "cpu")
         if adapter:
-
             load_adapters(self.model, [a for a in str(adapter).split(";") if a])
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16  # "auto" -> our default
         self.strategy, self.max_gen_toks, self.spec = strategy, int(max_gen_toks), model

@@ -59,7 +59,6 @@ def arena_verb(cfg: ArenaConfig, opts: RunOptions, ask=input) -> dict:
         if cfg.judge == "human":
             judge = HumanJudge(cfg.seed, ask=ask)
         else:
-
             judge = ModelJudge(*load_model(cfg.judge, dtype=cfg.dtype))
         battles = battle(answers, prompts, judge)
         atomic_write_jsonl(run.artifact("battles.jsonl"), battles)

@@ -79,7 +79,6 @@ def exact_match_verb(cfg: ExactMatchConfig, opts: RunOptions) -> dict:
     rows = read_rows(cfg.data, cfg.limit)
     model, tokenizer = cfg.load_model()
     if cfg.adapter:
-
         model = load_adapter(model, cfg.adapter)
     with start_run("eval em", cfg, opts) as run:
         result = exact_match(model, tokenizer, rows, chat=cfg.chat, max_new_tokens=cfg.max_new_tokens,
@@ -143,7 +142,6 @@ class CEvalConfig(MMLUConfig):
 def exam_verb(cfg: MMLUConfig, opts: RunOptions) -> dict:
     model, tokenizer = cfg.load_model()
     if cfg.adapter:
-
         load_adapters(model, cfg.adapter)
     with start_run(f"eval {cfg.exam}", cfg, opts) as run:
         result = evaluate_exam(model, tokenizer, cfg.exam, cfg.data, split=cfg.split, subjects=cfg.subjects,
@@ -197,7 +195,6 @@ class ArcConfig(ModelOptions):
 def arc_verb(cfg: ArcConfig, opts: RunOptions) -> dict:
     model, tokenizer = cfg.load_model()
     if cfg.adapter:
-
         load_adapters(model, cfg.adapter)
     with start_run("eval arc", cfg, opts) as run:
         result = evaluate_arc(model, tokenizer, cfg.data, subsets=cfg.subsets, split=cfg.split,
@@ -236,7 +233,6 @@ def gsm8k_verb(cfg: GSM8KConfig, opts: RunOptions) -> dict:
     rows = load_gsm8k(cfg.data, cfg.split)[:cfg.limit]
     model, tokenizer = cfg.load_model()
     if cfg.adapter:
-
         load_adapters(model, cfg.adapter)
     with start_run("eval gsm8k", cfg, opts) as run:
         result = evaluate_gsm8k(model, tokenizer, rows, num_fewshot=cfg.num_fewshot,

@@ -61,3 +61,37 @@ def test_registered_model_runs_lm_evals_tasks(pair, tmp_path):
                                    task_manager=tasks, bootstrap_iters=0)["results"][name]
     theirs = lm_eval.simple_evaluate(model=hflm, tasks=[name], task_manager=tasks, bootstrap_iters=0)["results"][name]
     assert (ours["acc,none"], ours["acc_norm,none"]) == (theirs["acc,none"], theirs["acc_norm,none"])
+
+
+def test_eval_harness_verb_runs_a_task_and_records_lm_evals_numbers(pair, tmp_path, capsys):
+    import json
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from llmlab.cli import main
+    from llmlab.runs import Registry
+
+    _, hflm, folder = pair
+    name = arc_task(tmp_path / "tasks", str(write_arc(tmp_path / "arc")), "easy", "test")
+    assert main(["eval", "harness", "--model", str(folder), "--tasks", name, "--include-path",
+                 str(tmp_path / "tasks"), "--batch-size", "2", "--out", "H", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    tasks = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
+    theirs = lm_eval.simple_evaluate(model=hflm, tasks=[name], task_manager=tasks, bootstrap_iters=0)["results"][name]
+    assert summary["tasks"][name]["acc"] == theirs["acc,none"]
+    assert summary["tasks"][name]["acc_norm"] == theirs["acc_norm,none"]
+    assert (tmp_path / "H" / "results.json").is_file()
+    assert Registry().get(summary["run"])["summary"]["tasks"][name]["acc"] == theirs["acc,none"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "--tasks is required"),
+    (["--tasks", "arc_easyy"], "unknown lm-eval task 'arc_easyy' (did you mean 'arc_easy'?)"),
+])
+def test_eval_harness_mistakes_are_one_line_errors(argv, message, capsys):
+    from llmlab.cli import main
+
+    assert main(["eval", "harness", "--model", "tiny-llama", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
