@@ -67,13 +67,16 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, qtype: str = "q8_
     try:
         writer = gguf.GGUFWriter(tmp, "llama")
         _write_hparams(writer, config, qtype)
-        _write_tokenizer(writer, tokenizer, config.vocab_size)
+        _write_tokenizer(writer, tokenizer, config.vocab_size, getattr(config, "gguf_pre_tokenizer", None))
         for name, (data, ggml_type) in tensors.items():
             writer.add_tensor(name, data, raw_dtype=ggml_type if data.dtype == np.uint8 else None)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; the finished file gets the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -213,7 +216,7 @@ def q8_0_linears(model: nn.Module) -> nn.Module:
 
 # ---- tokenizer ----
 
-def _write_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int):
+def _write_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int, pre: str | None = None):
     """A byte-level BPE tokenizer as llama.cpp's "gpt2" model: tokens, merges, types, special ids, template."""
     backend = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else {}
     if backend.get("model", {}).get("type") != "BPE" or "ByteLevel" not in json.dumps(backend.get("decoder")):
@@ -222,13 +225,10 @@ def _write_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int):
     tokens, types = _vocabulary(tokenizer, backend, vocab_size)
     merges = [m if isinstance(m, str) else " ".join(m) for m in backend["model"].get("merges") or []]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer(backend))
+    writer.add_tokenizer_pre(pre or _pre_tokenizer(backend))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    if merges:
-        writer.add_token_merges(merges)
-    else:  # GGUF has no empty arrays; readers then derive merges from scores, here none (bytes only)
-        writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_merges(merges or [_inert_merge(tokens, types)])
     for token, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
                        ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
         token_id = getattr(tokenizer, f"{token}_token_id", None)
@@ -239,6 +239,19 @@ def _write_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int):
     writer.add_add_space_prefix(False)
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
+
+
+def _inert_merge(tokens: list[str], types: list[int]) -> str:
+    """A merge that never applies, for a byte vocabulary without merges (tiny test models): llama.cpp's BPE
+    needs a merges array, GGUF writers drop empty arrays, and readers (transformers) want every merge's
+    result to be a token. So an unused padding slot becomes "a1", merged from "a" and "1": GPT-2's
+    pre-tokenizer splits letters from digits, so no text ever reaches that merge."""
+    unused = [i for i, kind in enumerate(types) if kind == int(gguf.TokenType.UNUSED)]
+    if not unused or "a" not in tokens or "1" not in tokens:
+        raise LlmlabError("GGUF export: this byte-level tokenizer has no merges and no unused embedding row to "
+                          "hold the placeholder merge llama.cpp needs")
+    tokens[unused[-1]] = "a1"
+    return "a 1"
 
 
 def _vocabulary(tokenizer, backend: dict, vocab_size: int) -> tuple[list[str], list[int]]:
@@ -256,6 +269,7 @@ def _vocabulary(tokenizer, backend: dict, vocab_size: int) -> tuple[list[str], l
 
 
 def _pre_tokenizer(backend: dict) -> str:
-    """llama.cpp's name for how text is split before BPE: digits one by one first (SmolLM) or GPT-2's regex."""
+    """llama.cpp's name for how text is split before BPE, for a model that did not come from a GGUF (which
+    names it itself): digits one by one first (SmolLM's tokenizer), else GPT-2's regex."""
     pre = json.dumps(backend.get("pre_tokenizer"))
     return "smollm" if '"individual_digits": true' in pre else "gpt-2"

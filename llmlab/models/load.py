@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llmlab.atomic import atomic_dir
 from llmlab.config import field
 from llmlab.errors import LlmlabError, closest
-from llmlab.models.builtin import BUILTIN_HUB_ID, BUILTIN_NAME, builtin_folder
+from llmlab.models.builtin import BUILTIN_HUB_ID, BUILTIN_NAME, builtin_folder, builtin_gguf
 from llmlab.models.dtypes import DTYPES, resolve_device, resolve_dtype  # noqa: F401  (re-exported)
 from llmlab.models.packed.io import LOWRANK_MARKER, MARKER, load_decomposed, load_quantized
 from llmlab.models.tiny import tiny_configs, tiny_model
@@ -62,7 +62,10 @@ def load_model(spec: str = BUILTIN_NAME, dtype: str | torch.dtype = "fp32", devi
 def _load(spec: str, dtype: torch.dtype):
     path = Path(spec).expanduser()
     if spec == BUILTIN_NAME:
-        return _load_folder(builtin_folder(_convert_gguf), dtype)
+        model, tokenizer = _load_folder(builtin_folder(_convert_gguf), dtype)
+        if not getattr(model.config, "gguf_pre_tokenizer", None):  # a cache converted before llmlab kept it
+            model.config.gguf_pre_tokenizer = gguf_pre_tokenizer(builtin_gguf())
+        return model, tokenizer
     if spec in tiny_configs():
         return tiny_model(spec)
     if path.is_file() and path.suffix == ".gguf":
@@ -155,11 +158,22 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     with _reading(f"GGUF file {path}"):
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    # llama.cpp's name for the source's pre-tokenizer (e.g. "smollm"), which transformers' conversion does
+    # not keep; a GGUF export writes it back. Saved with the config, so derived folders keep it too.
+    model.config.gguf_pre_tokenizer = gguf_pre_tokenizer(path)
     # The weights are now plain floats: forget the GGUF origin so that save_model writes a normal folder.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
     return model, tokenizer
+
+
+def gguf_pre_tokenizer(path: Path) -> str | None:
+    """The `tokenizer.ggml.pre` a GGUF file names, or None."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).fields.get("tokenizer.ggml.pre")
+    return bytes(field.parts[-1]).decode("utf-8") if field is not None else None
 
 
 def _check_gguf(path: Path):

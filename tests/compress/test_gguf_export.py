@@ -172,3 +172,54 @@ def test_builtin_model_q8_0_round_trip(tmp_path, builtin_model):
         ours, theirs = reference(input_ids=ids).logits, loaded(input_ids=ids).logits
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
     print(f"smollm2-135m q8_0 gguf: {path.stat().st_size / 2**20:.1f} MiB")
+
+
+# ---- the exported files in llama.cpp itself (xllamacpp: llama.cpp's server, in process) ----
+
+def llama_cpp_greedy(path, prompt: list[int], n: int) -> str:
+    """llama.cpp's greedy continuation of token ids `prompt`, as text."""
+    xllamacpp = pytest.importorskip("xllamacpp")
+    params = xllamacpp.CommonParams()
+    params.model.path = str(path)
+    params.n_ctx, params.warmup = 256, False
+    params.cpuparams.n_threads = 2
+    server = xllamacpp.Server(params)
+    reply = server.handle_completions({"prompt": prompt, "n_predict": n, "temperature": 0.0, "top_k": 1,
+                                       "cache_prompt": False})
+    return reply["choices"][0]["text"]
+
+
+def llmlab_greedy(model, tokenizer, prompt: list[int], n: int) -> str:
+    from llmlab.generation import SamplingConfig, decode
+
+    new = decode(model, [prompt], SamplingConfig(max_new_tokens=n, temperature=0.0, ignore_eos=True), eos=[], pad=0)
+    return tokenizer.decode(new[0])
+
+
+def test_tiny_export_loads_in_llama_cpp_and_continues_as_llmlab_does(tmp_path):
+    model, tokenizer = load_model("tiny-llama")
+    path = export_gguf(model, tokenizer, tmp_path / "tiny.gguf", "f32")  # a byte vocabulary: no merges
+    assert oct(path.stat().st_mode & 0o777) != oct(0o600)  # the usual mode, not mkstemp's private one
+    prompt = tokenizer("the cat sat on", add_special_tokens=False).input_ids
+    assert llama_cpp_greedy(path, prompt, 12) == llmlab_greedy(model, tokenizer, prompt, 12)
+
+
+def test_the_source_gguf_pre_tokenizer_name_is_kept():
+    from llmlab.compress.gguf_export import _pre_tokenizer
+
+    assert _pre_tokenizer({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt-2"
+    assert _pre_tokenizer({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "use_regex": True}]}}) == "smollm"
+
+
+@pytest.mark.slow
+def test_builtin_q8_0_export_in_llama_cpp_continues_as_the_llmlab_q8_0_model(tmp_path, builtin_model):
+    model, tokenizer = builtin_model
+    path = export_gguf(model, tokenizer, tmp_path / "smollm2.q8_0.gguf", "q8_0")
+    assert gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].parts[-1].tobytes().decode() == "smollm"  # as the source
+    reference, _ = load_model("smollm2-135m")
+    q8_0_linears(reference)
+    with torch.no_grad():  # the file keeps the embedding in f16
+        reference.get_input_embeddings().weight.copy_(reference.get_input_embeddings().weight.half().float())
+    prompt = tokenizer("The capital of France is Paris, and the capital of Italy is").input_ids
+    assert llama_cpp_greedy(path, prompt, 16) == llmlab_greedy(reference, tokenizer, prompt, 16)
