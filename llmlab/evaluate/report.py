@@ -24,18 +24,24 @@ from pathlib import Path
 from llmlab.atomic import atomic_write, atomic_write_json
 from llmlab.data.text import lines
 from llmlab.errors import LlmlabError
+from llmlab.models.builtin import BUILTIN_NAME, cache_dir
 from llmlab.runs import Registry, format_table
 
-# column -> the summary keys that verbs use for it, first found wins
+# column -> the summary keys that verbs use for it, first found wins. A pruned model's parameters are
+# its nonzero ones; speeds are kept apart by what was timed (scoring, training or generating).
 COLUMNS = {
     "ppl": ("ppl", "perplexity"),
     "accuracy": ("accuracy", "acc"),
     "acc_norm": ("acc_norm",),
     "size MB": ("size_mb",),
-    "params": ("params", "parameters", "total_params"),
-    "tokens/s": ("tokens_per_s", "generation_tokens_per_s"),
+    "params": ("nonzero_params", "params", "parameters", "total_params"),
+    "eval tok/s": (),
+    "train tok/s": (),
+    "gen tok/s": ("generation_tokens_per_s",),
     "peak MB": ("peak_rss_mb", "peak_memory_mb", "peak_mb"),
 }
+TRAINING_VERBS = {"finetune", "distill", "qat"}
+GENERATING_VERBS = {"generate", "chat"}
 PRODUCER_KNOBS = ("method", "bits", "group_size", "sparsity", "pattern")
 SKIP_VERBS = {"report", "arena"}
 
@@ -75,15 +81,27 @@ def _resolve(path) -> str | None:
 
 
 def row_values(run: dict) -> dict:
-    """The table's columns for one run; size on disk measured when the summary does not say."""
+    """The table's columns for one run. An evaluation of a model another run made takes that run's
+    knobs (method, bits, sparsity), size and parameter count; size is measured on disk when no
+    summary says it."""
     summary, values = run["summary"], {}
     for column, keys in COLUMNS.items():
         values[column] = next((summary[k] for k in keys if _number(summary.get(k))), None)
+    speed = summary.get("tokens_per_s") if _number(summary.get("tokens_per_s")) else None
+    column = ("train tok/s" if run["verb"] in TRAINING_VERBS else "gen tok/s" if run["verb"] in GENERATING_VERBS
+              else "eval tok/s")
+    values[column] = values[column] if values[column] is not None else speed
     if values["size MB"] is None and _number(summary.get("size_bytes")):
         values["size MB"] = summary["size_bytes"] / 2**20
+    if values["size MB"] is None and _number(summary.get("size_on_disk_bytes")):
+        values["size MB"] = summary["size_on_disk_bytes"] / 2**20
     if values["size MB"] is None:
         values["size MB"] = _size_mb(run["config"].get("model"))
     producer = run.get("producer") or {}
+    if producer:
+        made = row_values({**producer, "producer": None})
+        for column in ("size MB", "params"):
+            values[column] = made[column] if made[column] is not None else values[column]
     knobs = {**producer.get("config", {}), **run["config"]}
     values.update({k: knobs.get(k) for k in PRODUCER_KNOBS})
     if producer:
@@ -92,6 +110,8 @@ def row_values(run: dict) -> dict:
 
 
 def _size_mb(model) -> float | None:
+    if model == BUILTIN_NAME:  # the built-in model's de-quantized cache folder, if it was loaded here
+        model = str(cache_dir() / BUILTIN_NAME)
     path = Path(model) if isinstance(model, str) else None
     if path is None or not path.exists():
         return None
@@ -116,9 +136,10 @@ def _pyplot():
 
 
 def plot_ppl_vs_bits(rows: list[tuple[dict, dict]], path: Path) -> Path | None:
-    """Perplexity of quantized models against their bits; unquantized models as dashed lines."""
+    """Perplexity of quantized models against their bits; float models (evaluated as they are, not made by
+    a pruning, low-rank or distillation run) as dashed lines. A log y axis when perplexities spread widely."""
     points = [(v["bits"], v["ppl"], str(v["method"])) for _, v in rows if _number(v["bits"]) and _number(v["ppl"])]
-    floats = [(r["name"], v["ppl"]) for r, v in rows if v["bits"] is None and _number(v["ppl"])]
+    floats = float_baselines(rows)
     if not points:
         return None
     plt = _pyplot()
@@ -130,10 +151,29 @@ def plot_ppl_vs_bits(rows: list[tuple[dict, dict]], path: Path) -> Path | None:
         ax.axhline(ppl, linestyle="--", color="grey", linewidth=1)
         ax.annotate(f"{name} (float)", (min(b for b, _, _ in points), ppl), fontsize=8, va="bottom")
     ax.set(xlabel="weight bits", ylabel="perplexity (lower is better)", title="Perplexity vs bits")
+    every = [p for _, p, _ in points] + [p for _, p in floats]
+    if max(every) > 3 * min(every):
+        _log_y(ax)
     ax.set_xticks(sorted({b for b, _, _ in points}))
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)
+
+
+def _log_y(ax):
+    """A log y axis labelled in plain numbers (20, 50, 100), not powers of ten."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda *_: ""))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+
+
+def float_baselines(rows: list[tuple[dict, dict]]) -> list[tuple[str, float]]:
+    """(run, ppl) of the float models among the rows: evaluated as they are, not made by another run."""
+    return [(r["name"], v["ppl"]) for r, v in rows
+            if v["bits"] is None and v["sparsity"] is None and _number(v["ppl"]) and not r.get("producer")]
 
 
 def plot_quality_vs_sparsity(rows: list[tuple[dict, dict]], path: Path) -> Path | None:
@@ -144,9 +184,17 @@ def plot_quality_vs_sparsity(rows: list[tuple[dict, dict]], path: Path) -> Path 
     metric = "perplexity (lower is better)" if any(_number(v["ppl"]) for _, v in rows) else "accuracy"
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    dense = float_baselines(rows) if metric.startswith("perplexity") else []
     for method in sorted({m for _, _, m in points}):
         xs, ys = zip(*sorted((s, q) for s, q, m in points if m == method))
         ax.plot(xs, ys, marker="o", label=method)
+    for name, ppl in dense:  # the dense model, at sparsity 0
+        ax.axhline(ppl, linestyle="--", color="grey", linewidth=1)
+        ax.annotate(f"{name} (dense)", (0.01, ppl), fontsize=8, va="bottom")
+    ax.set_xlim(0, min(1.0, max(s for s, _, _ in points) + 0.1))
+    every = [q for _, q, _ in points] + [p for _, p in dense]
+    if metric.startswith("perplexity") and max(every) > 3 * min(every):
+        _log_y(ax)
     ax.set(xlabel="sparsity (fraction of weights removed)", ylabel=metric, title=f"{metric.split(' ')[0]} vs sparsity")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -229,10 +277,12 @@ def _save(fig, path: Path) -> Path:
 # ---- writing ----
 
 def table(rows: list[tuple[dict, dict]]) -> tuple[list[str], list[list[str]]]:
+    """The rows as cells; a column no run has a value for is left out."""
     header = ["run", "verb", "model", "method", "bits", "sparsity", *COLUMNS]
     body = [[r["name"], r["verb"], _short(r["config"].get("model", r["model"])), *(_cell(v[k]) for k in header[3:])]
             for r, v in rows]
-    return header, body
+    keep = [i for i, name in enumerate(header) if i < 3 or any(row[i] != "-" for row in body)]
+    return [header[i] for i in keep], [[row[i] for i in keep] for row in body]
 
 
 def _short(model) -> str:
@@ -271,9 +321,11 @@ def html_page(title: str, header: list[str], body: list[list[str]], plots: list[
 
 
 def build_report(rows: list[dict], folder: Path, title: str = "llmlab report") -> dict:
-    """Table, plots, report.md and report.html in `folder`; returns what was written."""
+    """Table, plots, report.md and report.html in `folder`; returns what was written. A run that made a
+    model which another reported run evaluated is folded into that run's row."""
     folder.mkdir(parents=True, exist_ok=True)
-    valued = [(r, row_values(r)) for r in rows]
+    producers = {r["producer"]["name"] for r in rows if r.get("producer")}
+    valued = [(r, row_values(r)) for r in rows if r["name"] not in producers]
     plots = [p for p in (plot_ppl_vs_bits(valued, folder / "ppl_vs_bits.png"),
                          plot_quality_vs_sparsity(valued, folder / "quality_vs_sparsity.png"),
                          plot_loss_curves(rows, folder / "loss_curves.png"),

@@ -77,3 +77,29 @@ def test_report_verb(registry, capsys):
 def test_report_with_an_empty_registry_is_a_one_line_error(capsys):
     assert main(["report"]) == 2
     assert "no runs to report" in capsys.readouterr().err
+
+
+def test_pruned_models_are_not_float_baselines_and_producers_fold_into_their_evaluations(tmp_path):
+    from llmlab.evaluate.report import float_baselines
+
+    _run("eval ppl", {"model": "smollm2-135m"}, {"ppl": 20.0, "tokens_per_s": 900.0}, name="ppl-fp")
+    pruned = tmp_path / "w50"
+    pruned.mkdir()
+    (pruned / "model.safetensors").write_bytes(b"\0" * 2000)
+    _run("prune", {"model": "smollm2-135m", "method": "wanda", "sparsity": 0.5, "out": str(pruned)},
+         {"params": 100, "nonzero_params": 50}, name="wanda-50")
+    _run("eval ppl", {"model": str(pruned)}, {"ppl": 504.0, "tokens_per_s": 800.0}, name="ppl-wanda")
+    _run("finetune", {"model": "tiny-llama", "method": "lora"}, {"train_loss": 1.0, "tokens_per_s": 1000.0},
+         name="ft")
+    rows = gather(Registry(), [])
+    valued = [(r, row_values(r)) for r in rows]
+    assert float_baselines(valued) == [("ppl-fp", 20.0)]  # the pruned model's 504 is no float baseline
+    written = build_report(rows, tmp_path / "report")
+    table = {row["run"]: row for row in json.loads((tmp_path / "report" / "table.json").read_text())}
+    assert "wanda-50" not in table  # folded into the evaluation of the model it made
+    assert (table["ppl-wanda"]["sparsity"], table["ppl-wanda"]["params"], table["ppl-wanda"]["method"]) == (
+        "0.5", "50", "wanda")  # nonzero parameters, not the dense count
+    assert table["ppl-wanda"]["size MB"] != "-"
+    assert (table["ppl-fp"]["eval tok/s"], table["ppl-fp"]["train tok/s"]) == ("900", "-")
+    assert (table["ft"]["train tok/s"], table["ft"]["eval tok/s"]) == ("1,000", "-")
+    assert "wanda-50" in written["runs"]
