@@ -86,7 +86,8 @@ def prune_verb(cfg: PruneConfig, opts: RunOptions) -> dict:
         summary = run.finish(result)
     print(f"pruned {cfg.model} with {cfg.method} ({result['target']}) in {seconds:.1f} s: sparsity "
           f"{achieved['overall']:.2%} of the decoder linears (per layer {achieved['min']:.2%}..{achieved['max']:.2%}), "
-          f"params {dense_params:,} -> {result['params']:,} ({result['nonzero_params']:,} nonzero), peak RSS {memory['peak_rss_mb']:.0f} MiB -> {saved}")
+          f"params {dense_params:,} -> {result['params']:,} ({result['nonzero_params']:,} nonzero), "
+          f"peak RSS {memory['peak_rss_mb']:.0f} MiB -> {saved}")
     return summary
 
 
