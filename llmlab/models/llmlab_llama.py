@@ -114,3 +114,7 @@ def as_llmlab_llama(model: LlamaForCausalLM) -> LlmlabLlamaForCausalLM:
 
 AutoConfig.register(MODEL_TYPE, LlmlabLlamaConfig, exist_ok=True)
 AutoModelForCausalLM.register(LlmlabLlamaConfig, LlmlabLlamaForCausalLM, exist_ok=True)
+# save_pretrained copies this file beside config.json and names it in `auto_map`, so transformers alone
+# (trust_remote_code=True, no llmlab installed) rebuilds a pruned folder: the file needs only transformers.
+LlmlabLlamaConfig.register_for_auto_class()
+LlmlabLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")

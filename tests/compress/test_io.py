@@ -77,12 +77,12 @@ def test_missing_scales_are_named(tmp_path):
     save_quantized(model, tokenizer, tmp_path / "q")
     path = tmp_path / "q" / WEIGHTS
     tensors = load_file(path)
-    del tensors["model.layers.1.mlp.down_proj.scales"]
+    del tensors["model.layers.1.mlp.down_proj.weight_scale"]  # the compressed-tensors name
     save_file(tensors, path, metadata={"format": "pt"})
     with pytest.raises(LlmlabError) as e:
         load_model(tmp_path / "q")
     message = str(e.value)
-    assert "no tensor 'model.layers.1.mlp.down_proj.scales' (the scales of a quantized layer)" in message
+    assert "no tensor 'model.layers.1.mlp.down_proj.weight_scale' (the scales of a quantized layer)" in message
     assert "\n" not in message
 
 
@@ -92,7 +92,7 @@ def test_a_mis_shaped_tensor_and_an_unknown_kind_are_named(tmp_path):
     marker = json.loads((tmp_path / "q" / MARKER).read_text())
     marker["modules"]["model.layers.0.mlp.up_proj"]["group_size"] = 16
     (tmp_path / "q" / MARKER).write_text(json.dumps(marker))
-    with pytest.raises(LlmlabError, match="tensor 'model.layers.0.mlp.up_proj.scales' has shape"):
+    with pytest.raises(LlmlabError, match="tensor 'model.layers.0.mlp.up_proj.weight_scale' has shape"):
         load_model(tmp_path / "q")
     marker["modules"]["model.layers.0.mlp.up_proj"] = {"kind": "weight-only", "bits": 4}
     (tmp_path / "q" / MARKER).write_text(json.dumps(marker))

@@ -325,3 +325,35 @@ def test_cli_keeps_a_layer_dense_with_lora_importance(capsys, tmp_path):
     model, _ = load_model(tmp_path / "P")
     assert model.config.model_type == "llmlab_llama" and n_params(model) == summary["params"]
     assert abs(summary["params"] / summary["dense_params"] - 0.8) < 0.01
+
+
+def test_a_llmlab_llama_folder_loads_in_plain_transformers_through_its_auto_map(tmp_path):
+    """In a fresh process that never imports llmlab: refused without remote code, the same logits with it."""
+    import json
+    import subprocess
+    import sys
+
+    model, tok = fresh()
+    prune_llm_pruner(model, CALIB, LLMPrunerConfig(ratio=0.2, skip_first=1, skip_last=0))
+    save_model(model, tok, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "llmlab_llama.LlmlabLlamaForCausalLM"
+    assert (tmp_path / "m" / "llmlab_llama.py").is_file()
+    torch.save(model(X).logits.detach(), tmp_path / "expected.pt")
+    script = f"""
+import sys, torch
+sys.modules["llmlab"] = None  # llmlab must not be needed
+from transformers import AutoModelForCausalLM
+try:
+    AutoModelForCausalLM.from_pretrained({str(tmp_path / 'm')!r})
+    raise SystemExit("loaded without trust_remote_code")
+except (ValueError, EOFError, OSError):
+    pass
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'm')!r}, trust_remote_code=True)
+x = torch.tensor({X.tolist()!r})
+torch.testing.assert_close(model(x).logits, torch.load({str(tmp_path / 'expected.pt')!r}), rtol=0, atol=1e-5)
+print("ok", type(model).__name__)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          timeout=300)
+    assert done.returncode == 0 and "ok LlmlabLlamaForCausalLM" in done.stdout, done.stderr[-2000:]

@@ -36,6 +36,7 @@ from transformers.pytorch_utils import Conv1D
 from llmlab.atomic import atomic_dir, atomic_write_json
 from llmlab.errors import LlmlabError, closest
 from llmlab.models.dtypes import resolve_dtype
+from llmlab.models.packed import ecosystem
 from llmlab.models.packed.lowrank import LoRCLinear, LowRankLinear
 from llmlab.models.packed.nf4 import NF4Linear
 from llmlab.models.packed.qlinear import QuantizedLinear, QuantLinear, quantized_linears
@@ -51,22 +52,48 @@ WRAPPERS = (LowRankLinear, LoRCLinear)  # the kinds that hold other linears
 
 
 def save_quantized(model, tokenizer, out: str | Path, method: str | None = None) -> Path:
-    """Write the compressed model, its tokenizer and the marker file into `out`, atomically."""
+    """Write the compressed model, its tokenizer and the marker file into `out`, atomically.
+
+    Weight-only integer layers are written as compressed-tensors, which transformers and vLLM load;
+    any other packed layer makes the folder an llmlab-only architecture (see ecosystem.py)."""
     out = Path(out)
     modules = _swapped_modules(model)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (QuantizedLinear, *WRAPPERS))}
     kinds = sorted({m.kind for m in quantized_linears(model).values()})
     method = method or getattr(model, "llmlab_quant_method", None) or "+".join(kinds) or None
     marker = {"format": FORMAT, "method": method, "modules": modules}
     if any(m["kind"] == "lowrank" for m in modules.values()):
         marker["lowrank"] = getattr(model, "llmlab_lowrank", {}).get("method")
+    tensors = _unique_tensors(model.state_dict())
+    config = model.config.to_dict()
+    if ecosystem.compressible(layers):
+        marker["tensors"] = "compressed-tensors"
+        tensors = _compressed_tensors(tensors, layers, model.get_input_embeddings().weight.dtype)
+        config["quantization_config"] = ecosystem.quantization_config(layers)
+    elif layers:
+        config = {**config, "model_type": ecosystem.PACKED_TYPE, "llmlab_model_type": config["model_type"],
+                  "architectures": ["LlmlabPackedForCausalLM"],
+                  "auto_map": {"AutoConfig": f"{ecosystem.REMOTE_MODULE}.LlmlabPackedConfig",
+                               "AutoModelForCausalLM": f"{ecosystem.REMOTE_MODULE}.LlmlabPackedForCausalLM"}}
     with atomic_dir(out) as tmp:
-        model.config.save_pretrained(tmp)
+        atomic_write_json(tmp / "config.json", config)
+        if not ecosystem.compressible(layers) and layers:
+            (tmp / f"{ecosystem.REMOTE_MODULE}.py").write_text(ecosystem.REMOTE_CODE, encoding="utf-8")
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        save_file(_unique_tensors(model.state_dict()), tmp / WEIGHTS, metadata={"format": "pt"})
+        save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         atomic_write_json(tmp / MARKER, marker)
     return out
+
+
+def _compressed_tensors(tensors: dict, layers: dict, dtype: torch.dtype) -> dict:
+    """The state dict with each quantized layer's llmlab buffers replaced by its compressed-tensors tensors."""
+    for name, layer in layers.items():
+        for key in ("qweight", "scales", "zeros", "bias"):
+            tensors.pop(f"{name}.{key}", None)
+        tensors.update({f"{name}.{key}": value for key, value in ecosystem.layer_tensors(layer, dtype).items()})
+    return tensors
 
 
 def _swapped_modules(model) -> dict:
@@ -101,11 +128,13 @@ def load_quantized(folder: str | Path, dtype: str | torch.dtype = "fp32"):
 def load_with_marker(folder: Path, marker: dict, dtype: str | torch.dtype = "fp32"):
     """(model, tokenizer) from the folder's config and tensors, with the modules `marker` lists swapped in."""
     dtype = resolve_dtype(dtype)
-    config = AutoConfig.from_pretrained(folder)
+    config = _read_config(folder)
     with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) computed
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, options in sorted(marker["modules"].items(), key=lambda item: item[0].count(".")):  # outermost first
         _swap_in(model, name, dict(options), folder)
+    if marker.get("tensors") == "compressed-tensors":
+        _fill_compressed(model, marker, folder)
     model.load_state_dict(_read_tensors(folder, model, dtype), strict=False, assign=True)
     model.tie_weights()
     _check_loaded(model, folder)
@@ -116,6 +145,44 @@ def load_with_marker(folder: Path, marker: dict, dtype: str | torch.dtype = "fp3
     if ranks:
         model.llmlab_lowrank = {"method": marker.get("lowrank"), "modules": ranks}
     return model.eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def _read_config(folder: Path):
+    """The model's transformers config: an llmlab-only folder names its real model type inside."""
+    data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if data.get("model_type") == ecosystem.PACKED_TYPE:
+        for key in ("model_type", "auto_map", "architectures"):
+            data.pop(key, None)
+        config = AutoConfig.for_model(data.pop("llmlab_model_type"), **data)
+    else:
+        config = AutoConfig.from_pretrained(folder)
+    if hasattr(config, "quantization_config"):  # compressed-tensors' description; llmlab rebuilds the layers
+        del config.quantization_config
+    return config
+
+
+def _fill_compressed(model, marker: dict, folder: Path):
+    """Set each weight-only layer's buffers from its compressed-tensors tensors in the file; a missing or
+    mis-shaped tensor is named."""
+    names = [n for n, m in marker["modules"].items() if m.get("kind") == QuantLinear.kind]
+    with safe_open(folder / WEIGHTS, framework="pt") as f:
+        present = set(f.keys())
+        for name in names:
+            layer = model.get_submodule(name)
+            expected = ecosystem.expected_shapes(layer)
+            tensors = {}
+            for key in ("weight_packed", "weight_scale", "weight_zero_point", "bias"):
+                full = f"{name}.{key}"
+                if full not in present:
+                    if key in expected:
+                        raise LlmlabError(f"{folder / WEIGHTS} has no tensor '{full}'{_what(full)}; the file is "
+                                          "incomplete: save the model again")
+                    continue
+                tensors[key] = f.get_tensor(full)
+                if key in expected and tuple(tensors[key].shape) != expected[key]:
+                    raise LlmlabError(f"{folder / WEIGHTS}: tensor '{full}' has shape {tuple(tensors[key].shape)}, "
+                                      f"the model needs {expected[key]}; the file does not match its config")
+            ecosystem.fill_layer(layer, tensors)
 
 
 def _read_marker(folder: Path) -> dict:
@@ -180,7 +247,9 @@ def _is_tied(model, name: str) -> bool:
 
 
 def _what(name: str) -> str:
-    role = {"scales": "the scales", "zeros": "the zero points", "qweight": "the packed weights"}.get(name.rsplit(".", 1)[-1])
+    role = {"scales": "the scales", "zeros": "the zero points", "qweight": "the packed weights",
+            "weight_scale": "the scales", "weight_zero_point": "the zero points",
+            "weight_packed": "the packed weights"}.get(name.rsplit(".", 1)[-1])
     return f" ({role} of a quantized layer)" if role else ""
 
 
