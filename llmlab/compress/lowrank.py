@@ -25,8 +25,8 @@ ZeroQuant-FP): after quantizing W to Ŵ, the error E = W − Ŵ is small but str
 rank-k part in float beside the quantized layer, y = Ŵx + U_k(V_k x)  (`add_lorc`, and
 `llmlab quantize --lorc-rank k`).
 
-Both wrappers are saved in the packed folder (models/packed/io.py) (kinds "lowrank" and "lorc" in its list of swapped
-modules, each before the quantized layers inside it), so decompose → quantize and quantize → LoRC
+Both wrappers are saved in the packed folder (models/packed/io.py: kinds "lowrank" and "lorc" in its
+list of swapped modules, each before the quantized layers inside it), so decompose → quantize and quantize → LoRC
 models reload with `load_model(folder)`; folders with the older `llmlab_lowrank.json` still load.
 """
 

@@ -4,7 +4,7 @@ Liu et al. 2023, "LLM-QAT: Data-Free Quantization Aware Training for Large Langu
 https://arxiv.org/abs/2305.17888 (official code: github.com/facebookresearch/LLM-QAT).
 
 Fake quantization (STE). Each linear of the decoder layers computes with its weight rounded onto
-the RTN grid of `quant.py`, ŵ = S·(clamp(round(w/S) + Z, 0, 2^b − 1) − Z), while the float weight
+the RTN grid of `models/packed/quant.py`, ŵ = S·(clamp(round(w/S) + Z, 0, 2^b − 1) − Z), while the float weight
 w stays the trained parameter. Rounding has zero gradient almost everywhere, so the backward pass
 treats it as the identity (Bengio et al. 2013, "straight-through"):
 
@@ -14,7 +14,7 @@ Optionally the input x is fake-quantized too (symmetric min-max, one scale per t
 paper quantizes activations) and the outputs of k_proj and v_proj (one scale per token and head;
 the official code takes one per token across all heads): the paper's three targets W, A and KV.
 Like the official code, K is quantized as k_proj emits it, before the rotary embedding. The
-weight grid is `quant.py`'s (any bits, group size, symmetric or not); the paper's is symmetric
+weight grid is models/packed/quant.py's (any bits, group size, symmetric or not); the paper's is symmetric
 min-max per output channel (`--symmetric --group-size 0`). Every parameter trains, as in the paper.
 `convert_qat` packs the trained weights into `QuantLinear` layers for `save_quantized`; that model
 is weight-only: activation and KV fake quantization are a training-time (research) path only.

@@ -1,6 +1,6 @@
 """RTN: round-to-nearest weight quantization, the data-free baseline every other method is measured against.
 
-Each weight is rounded to the nearest point of its group's uniform grid (see `quant.py`):
+Each weight is rounded to the nearest point of its group's uniform grid (see `models/packed/quant.py`):
 
     x_q = clamp(round(x / S) + Z, 0, 2^b − 1),    x̂ = S·(x_q − Z)
 

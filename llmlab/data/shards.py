@@ -168,4 +168,4 @@ class TokenShards:
 # ---- the `llmlab data pack` verb ----
 
 
-__all__ = ["choose_dtype", "pack_ids", "load_tokenizer", "tokenize", "pack_texts", "TokenShards", "PackConfig", "pack_verb"]
+__all__ = ["choose_dtype", "pack_ids", "load_tokenizer", "tokenize", "pack_texts", "TokenShards"]

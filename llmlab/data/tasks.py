@@ -178,5 +178,4 @@ def alpaca_message(row: dict) -> str:
 # ---- the `llmlab data tasks` verb ----
 
 
-__all__ = ["Task", "KINDS", "GROUPS", "make_tasks", "split_of", "expand_kinds", "alpaca_message",
-           "TasksConfig", "tasks_verb"]
+__all__ = ["Task", "KINDS", "GROUPS", "make_tasks", "split_of", "expand_kinds", "alpaca_message"]

@@ -114,5 +114,4 @@ def compression_table(tokenizers: dict, heldout: dict[str, list[str]]) -> tuple[
 # ---- the `llmlab data tokenizer` verb ----
 
 
-__all__ = ["KINDS", "iter_texts", "train_tokenizer", "bytes_per_token", "compression_table",
-           "TokenizerConfig", "tokenizer_verb"]
+__all__ = ["KINDS", "iter_texts", "train_tokenizer", "bytes_per_token", "compression_table"]

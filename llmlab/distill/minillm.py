@@ -62,7 +62,7 @@ class MiniLLMConfig(Rollout):
 
 
 class MixedPolicy:
-    """p̃ = α p_teacher + (1 − α) q_student, as a causal LM that llmlab.serve's decoder can sample from."""
+    """p̃ = α p_teacher + (1 − α) q_student, as a causal LM that llmlab.generation's decoder can sample from."""
 
     def __init__(self, student, teacher, alpha: float):
         self.student, self.teacher, self.alpha = student, teacher, alpha

@@ -7,7 +7,7 @@ KD approximates the teacher's distribution over whole sequences by its mode, ŷ 
 
     L(θ) = − Σ_t log q_θ(ŷ_t | ŷ_<t, x),    ŷ = teacher's generation for prompt x
 
-The generations are made once, before training, with llmlab.serve's KV-cached decoder. Every
+The generations are made once, before training, with llmlab.generation's KV-cached decoder. Every
 example's prompt is the part of it that carries no labels (a chat row's user turn); a plain-text
 window, which is all targets, is prompted with its first `prompt_len` tokens. `complete` here is
 also how GKD and MiniLLM draw on-policy samples from the student.

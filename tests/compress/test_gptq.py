@@ -142,7 +142,6 @@ def test_bad_input(tiny_llama):
     with pytest.raises(LlmlabError, match="not a valid regex"):
         GPTQConfig(skip=["("])
     model = tiny_llama[0]
-    calib = torch.zeros(2, 8, dtype=torch.long)
     with pytest.raises(LlmlabError, match="calibration"):
         quantize_gptq(model, None, GPTQConfig())
     assert not quantized_linears(model)  # nothing was changed

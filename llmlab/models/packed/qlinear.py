@@ -1,10 +1,10 @@
 """Quantized replacements of nn.Linear, holding real low-bit weights.
 
-`QuantizedLinear` is the base every method's layer derives from (weight-only here; LLM.int8(),
-W8A8 and NF4 in their own files), registered by kind so a saved model can be rebuilt:
-`QUANTIZED[kind].empty(in, out, bias, **config)` then `load_state_dict`.
+`QuantizedLinear` is the base every packed layer derives from (weight-only here; LLM.int8(),
+W8A8 and NF4 in their own files); io.py's table from kind to class rebuilds a saved model:
+`LAYERS[kind].empty(in, out, bias, **config)` then the file's tensors.
 
-`QuantLinear` ("weight_only") stores the b-bit grid of `quant.py` packed by `packing.py`:
+`QuantLinear` ("weight_only") stores the b-bit grid of `quant.py` packed by `bitpack.py`:
     qweight  uint8 (out, ceil(in·b/8))     scales  float32 (out, G)     zeros  uint8 (out, G)
 and computes y = x·Ŵᵀ + bias with Ŵ = S·(q − Z). Where this CPU has an integer kernel it uses it,
 in a layout made once on the first forward pass and never saved:
