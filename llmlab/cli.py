@@ -40,6 +40,8 @@ STAGES = {
                  "supervised fine-tuning on instruction or chat data: LoRA and friends, or full"),
     "merge": ("llmlab.stages.merge", "merge_verb", "MergeConfig", [],
               "merge a trained adapter into its base model and save the result"),
+    "align": ("llmlab.stages.align", "align_verb", "AlignConfig", [],
+              "preference alignment: dpo, cdpo, robust, hinge, ipo, simpo, orpo (LoRA or full)"),
     "quantize": ("llmlab.stages.quantize", "quantize_verb", "QuantizeConfig", [],
                  "quantize a model (rtn, gptq, awq, smoothquant, llm_int8, zeroquant, nf4; + LoRC) and save it packed"),
     "prune": ("llmlab.stages.prune", "prune_verb", "PruneConfig", [],

@@ -15,6 +15,7 @@ What a family's function is called with:
     prune      prune_<m>(model, calib, cfg) -> model          (entry.extra["sparsity_key"]: what --sparsity sets)
     decompose  decompose(model, calib, cfg) -> model
     distill    make_<m>_loss(teacher, tokenizer, cfg) -> loss_fn(model, batch)
+    align      <m>_loss(cfg, reference, name) -> loss_fn(model, batch)   (extra["reference"]: needs π_ref)
     data       a pipeline Step class (config: its Config)
 """
 
@@ -26,9 +27,9 @@ from typing import Any
 from llmlab.config import build, describe
 from llmlab.errors import LlmlabError, closest
 
-FAMILIES = ("finetune", "quantize", "prune", "decompose", "distill", "data")
+FAMILIES = ("finetune", "quantize", "prune", "decompose", "distill", "align", "data")
 NOUNS = {"finetune": "fine-tuning", "quantize": "quantization", "prune": "pruning", "decompose": "low-rank",
-         "distill": "distillation", "data": "data step"}  # how messages name a family
+         "distill": "distillation", "align": "alignment", "data": "data step"}  # how messages name a family
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,19 @@ TABLE: dict[str, dict[str, Entry]] = {
         "gkd": _e("distill.gkd", "GKDConfig", "gkd_loss", "generalised JSD on the student's own samples"),
         "minillm": _e("distill.minillm", "MiniLLMConfig", "minillm_loss", "reverse KL by policy gradient"),
         "cot": _e("distill.cot", "CoTConfig", "make_cot_loss", "distilling step-by-step: rationales as targets"),
+    },
+    "align": {
+        "dpo": _e("align.dpo", "DPOConfig", "dpo_loss", "DPO: the Bradley-Terry preference loss against a reference",
+                  extra={"reference": True}),
+        "cdpo": _e("align.dpo", "CDPOConfig", "dpo_loss", "conservative DPO: labels flipped with probability ε",
+                   extra={"reference": True}),
+        "robust": _e("align.dpo", "DPOConfig", "dpo_loss", "robust DPO: unbiased under label noise ε",
+                     extra={"reference": True}),
+        "hinge": _e("align.dpo", "DPOConfig", "dpo_loss", "SLiC's hinge on the DPO margin", extra={"reference": True}),
+        "ipo": _e("align.dpo", "DPOConfig", "dpo_loss", "IPO: a squared loss towards margin 1/(2β)",
+                  extra={"reference": True}),
+        "simpo": _e("align.simpo", "SimPOConfig", "simpo_loss", "SimPO: length-normalised, no reference"),
+        "orpo": _e("align.orpo", "ORPOConfig", "orpo_loss", "ORPO: SFT plus an odds ratio, no reference"),
     },
     "data": {
         "language": _e("data.steps.language", "LanguageConfig", "Language", "language identification and filter"),

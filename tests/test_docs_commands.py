@@ -84,6 +84,8 @@ def _scratch(root: Path):
     (root / "questions.txt").write_text("What is a cat?\nWhere is the park?\n", encoding="utf-8")
     (root / "prompts.txt").write_text("Say hello.\nName a colour.\n", encoding="utf-8")
     rows = [{"instruction": f"Repeat: {w}", "input": "", "output": f"{w} {w}"} for w in words]
+    pairs = [{"prompt": f"Say {w}.", "chosen": w, "rejected": w[::-1] + "?"} for w in words]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
     (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     short = [" ".join(s.split()[:4]) for s in sentences[:16]]
     chats = [{"messages": [{"role": "user", "content": s}, {"role": "assistant", "content": s.upper()}]}

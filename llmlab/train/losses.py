@@ -114,3 +114,76 @@ class SoftTargetLoss:
         with torch.no_grad():
             teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
         return soft_cross_entropy(model(input_ids=ids, use_cache=False).logits, teacher_logits).sum(), ids.numel()
+
+
+# ---- preference losses (DPO and its family) ----
+
+PREFERENCE_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "simpo", "orpo")
+
+
+def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ log p of each row's target tokens, how many there are): two (rows,) tensors, the sum in float32."""
+    logits, targets, mask = shifted(model(**model_inputs(model, batch)).logits, batch["labels"])  # (R, T-1, V)
+    nll = F.cross_entropy(logits.transpose(1, 2).float(), targets.clamp(min=0), reduction="none")  # (R, T-1)
+    return -(nll * mask).sum(-1), mask.sum(-1)
+
+
+def preference_loss(kind: str, chosen, rejected, ref_chosen=None, ref_rejected=None, n_chosen=None, n_rejected=None,
+                    *, beta: float = 0.1, label_smoothing: float = 0.0, gamma: float = 0.0):
+    """Per-pair loss (B,) from sequence log-probs (B,) of the policy (and the reference), with Δ the difference of
+    the chosen and rejected log-ratios, Δ = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)):
+
+        sigmoid  −(1−ε) log σ(βΔ) − ε log σ(−βΔ)     DPO (Rafailov et al. 2023); ε > 0: conservative DPO
+        hinge    max(0, 1 − βΔ)                      SLiC (Zhao et al. 2023)
+        ipo      (Δ̄ − 1/(2β))²                       IPO (Azar et al. 2023), Δ̄ from per-token mean log-probs
+        robust   [(1−ε)(−log σ(βΔ)) − ε(−log σ(−βΔ))] / (1−2ε)    robust DPO (Chowdhury et al. 2024)
+        simpo    −log σ(β(ā_w − ā_l) − γ)            SimPO (Meng et al. 2024): mean log-probs ā, no reference
+        orpo     −ā_w − β log σ(log odds(ā_w) − log odds(ā_l)),  odds(a) = e^a / (1 − e^a)
+                                                     ORPO (Hong et al. 2024): SFT plus an odds ratio, no reference
+    """
+    if kind in ("simpo", "orpo", "ipo"):
+        chosen, rejected = chosen / n_chosen, rejected / n_rejected
+        if kind == "ipo":
+            ref_chosen, ref_rejected = ref_chosen / n_chosen, ref_rejected / n_rejected
+    if kind == "simpo":
+        return -F.logsigmoid(beta * (chosen - rejected) - gamma)
+    if kind == "orpo":
+        log_odds = (chosen - rejected) - (torch.log1p(-chosen.exp()) - torch.log1p(-rejected.exp()))
+        return -chosen - beta * F.logsigmoid(log_odds)
+    delta = (chosen - ref_chosen) - (rejected - ref_rejected)
+    if kind == "sigmoid":
+        return -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
+    if kind == "hinge":
+        return torch.relu(1 - beta * delta)
+    if kind == "ipo":
+        return (delta - 1 / (2 * beta)) ** 2
+    if kind == "robust":
+        return ((1 - label_smoothing) * -F.logsigmoid(beta * delta)
+                - label_smoothing * -F.logsigmoid(-beta * delta)) / (1 - 2 * label_smoothing)
+    raise ValueError(f"unknown preference loss {kind!r}; one of {', '.join(PREFERENCE_LOSSES)}")
+
+
+class PreferenceLoss:
+    """`loss_fn(model, batch)` for `fit` on batches of `data.preference.collate_pairs` (B chosen rows, then B
+    rejected): the summed preference loss and B. The reference log-probs come from the batch (precomputed),
+    from `reference(model, batch)` (e.g. the policy with its adapters disabled), or are not needed."""
+
+    def __init__(self, kind: str, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0, reference=None):
+        self.kind, self.beta, self.label_smoothing, self.gamma, self.reference = (kind, beta, label_smoothing,
+                                                                                  gamma, reference)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.kind not in ("simpo", "orpo")
+
+    def __call__(self, model, batch: dict):
+        logps, counts = sequence_logps(model, batch)
+        half = len(logps) // 2
+        ref = None
+        if self.needs_reference:
+            ref = batch["ref_logps"].to(logps) if "ref_logps" in batch else self.reference(model, batch)
+        losses = preference_loss(self.kind, logps[:half], logps[half:],
+                                 *((ref[:half], ref[half:]) if ref is not None else (None, None)),
+                                 counts[:half], counts[half:], beta=self.beta, label_smoothing=self.label_smoothing,
+                                 gamma=self.gamma)
+        return losses.sum(), half

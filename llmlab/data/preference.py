@@ -1,0 +1,167 @@
+"""Preference pairs: rows in the formats users have → a prompt (a conversation) and a chosen and a rejected reply
+→ token ids with response-only labels.
+
+Formats (detected from the first row's fields):
+    hh-rlhf      {"chosen": str, "rejected": str}: whole "\\n\\nHuman: … \\n\\nAssistant: …" transcripts
+                 that share everything before the last "Assistant:" turn
+    sharegpt     {"conversations": [{"from", "value"}, …], "chosen": {"from", "value"}, "rejected": {…}}
+                 (LLaMA-Factory's preference format, as in ../shared/data/preference)
+    messages     {"prompt": str | [messages], "chosen": [messages] | str, "rejected": …}
+                 (UltraFeedback-binarized: chosen/rejected are the whole conversations, the reply last)
+    plain        {"prompt": str, "chosen": str, "rejected": str}
+
+Each side is rendered with the chat template (as in finetune) and the loss falls on the last reply only:
+its tokens (and the EOS that ends them) are the labels, everything before is −100.
+"""
+
+import dataclasses
+import re
+
+import torch
+
+from llmlab.data.packing import IGNORE
+from llmlab.data.sft import SHAREGPT_ROLES, chat_template, encode_chat, read_rows
+from llmlab.errors import LlmlabError
+
+FORMATS = ("hh-rlhf", "sharegpt", "messages", "plain")
+_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+@dataclasses.dataclass
+class Pair:
+    prompt: list[dict]  # the conversation before the reply
+    chosen: str
+    rejected: str
+
+
+def detect_format(row: dict, where: str) -> str:
+    if "conversations" in row:
+        return "sharegpt"
+    if "prompt" in row:
+        return "messages" if isinstance(row.get("chosen"), list) or isinstance(row["prompt"], list) else "plain"
+    if "chosen" in row and "rejected" in row:
+        return "hh-rlhf"
+    raise LlmlabError(f"{where}: cannot tell the preference format from the fields {', '.join(row) or 'none'}; "
+                      f"expected chosen/rejected with conversations or prompt (formats: {', '.join(FORMATS)})")
+
+
+def to_pair(row: dict, fmt: str, where: str) -> Pair:
+    """The row as a prompt conversation and two replies; LlmlabError naming the row and field otherwise."""
+    for key in ("chosen", "rejected"):
+        if key not in row:
+            raise LlmlabError(f"{where}: missing field '{key}'")
+    if fmt == "hh-rlhf":
+        chosen, rejected = _transcript(_str(row, "chosen", where), where), _transcript(_str(row, "rejected", where),
+                                                                                       where)
+        if chosen[:-1] != rejected[:-1]:
+            raise LlmlabError(f"{where}: chosen and rejected differ before their last Assistant turn; "
+                              "hh-rlhf pairs share the conversation and differ in the last reply only")
+        pair = Pair(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"])
+    elif fmt == "sharegpt":
+        turns = row["conversations"]
+        if not isinstance(turns, list) or not turns:
+            raise LlmlabError(f"{where}: 'conversations' must be a non-empty list of {{from, value}} turns")
+        prompt = [{"role": _role(t, where), "content": str(t.get("value", ""))} for t in turns]
+        pair = Pair(prompt, _reply(row["chosen"], "chosen", where), _reply(row["rejected"], "rejected", where))
+    elif fmt == "messages":
+        prompt = row["prompt"]
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        pair = Pair(prompt, _last(row["chosen"], "chosen", where), _last(row["rejected"], "rejected", where))
+    else:
+        pair = Pair([{"role": "user", "content": _str(row, "prompt", where)}], _str(row, "chosen", where),
+                    _str(row, "rejected", where))
+    if pair.chosen == pair.rejected:
+        raise LlmlabError(f"{where}: chosen and rejected are identical; a pair must prefer one reply to another")
+    return pair
+
+
+def _str(row: dict, key: str, where: str) -> str:
+    value = row.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise LlmlabError(f"{where}: field '{key}' must be a non-empty string")
+    return value
+
+
+def _role(turn: dict, where: str) -> str:
+    role = SHAREGPT_ROLES.get(str(turn.get("from", "")).lower())
+    if role is None:
+        raise LlmlabError(f"{where}: unknown speaker '{turn.get('from')}' in conversations")
+    return role
+
+
+def _reply(value, key: str, where: str) -> str:
+    text = value.get("value") if isinstance(value, dict) else value
+    if not isinstance(text, str) or not text.strip():
+        raise LlmlabError(f"{where}: field '{key}' must be a {{from, value}} turn or a string with text")
+    return text
+
+
+def _last(value, key: str, where: str) -> str:
+    """The reply of an UltraFeedback side: the last message of the list (an assistant turn), or the string."""
+    if isinstance(value, list):
+        if not value or value[-1].get("role") != "assistant":
+            raise LlmlabError(f"{where}: field '{key}' must end with an assistant message")
+        value = value[-1].get("content")
+    if not isinstance(value, str) or not value.strip():
+        raise LlmlabError(f"{where}: field '{key}' has no reply text")
+    return value
+
+
+def _transcript(text: str, where: str) -> list[dict]:
+    """"\\n\\nHuman: a\\n\\nAssistant: b" -> [{user: a}, {assistant: b}]; the last turn must be the Assistant's."""
+    parts = _TURN.split(text)
+    if len(parts) < 3 or parts[-2] != "Assistant":
+        raise LlmlabError(f"{where}: an hh-rlhf transcript must alternate \\n\\nHuman: … \\n\\nAssistant: … and end "
+                          "with the Assistant")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts) - 1, 2)]
+
+
+def encode_side(pair: Pair, reply: str, tokenizer, template: str) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of the prompt followed by `reply`: labels on the reply's tokens only."""
+    ids, labels = encode_chat([*pair.prompt, {"role": "assistant", "content": reply}], tokenizer, template)
+    prompt_len = len(encode_chat(pair.prompt, tokenizer, template)[0]) if pair.prompt else 0
+    if any(label != IGNORE for label in labels[:prompt_len]):  # earlier assistant turns are context, not targets
+        labels = [IGNORE] * prompt_len + labels[prompt_len:]
+    return ids, labels
+
+
+def load_pairs(data: str, tokenizer, *, template: str = "auto", max_len: int = 1024,
+               limit: int | None = None) -> tuple[list[dict], dict]:
+    """Tokenized pairs {chosen_ids, chosen_labels, rejected_ids, rejected_labels} and counts; pairs longer than
+    `max_len` are left out and counted (never silently)."""
+    rows = read_rows(data)
+    if not rows:
+        raise LlmlabError(f"{data} holds no rows")
+    rows = rows[:limit] if limit else rows
+    fmt = detect_format(rows[0], f"{data} row 1")
+    tpl = chat_template(tokenizer, template)
+    pairs, too_long = [], 0
+    for number, row in enumerate(rows, 1):
+        pair = to_pair(row, fmt, f"{data} row {number}")
+        (c_ids, c_lab), (r_ids, r_lab) = (encode_side(pair, reply, tokenizer, tpl) for reply in (pair.chosen,
+                                                                                                 pair.rejected))
+        if max(len(c_ids), len(r_ids)) > max_len:
+            too_long += 1
+            continue
+        pairs.append({"chosen_ids": c_ids, "chosen_labels": c_lab, "rejected_ids": r_ids, "rejected_labels": r_lab})
+    if not pairs:
+        raise LlmlabError(f"no pairs left in {data}: all {len(rows)} are longer than --max-len {max_len}; raise it")
+    return pairs, {"rows": len(rows), "pairs": len(pairs), "too_long": too_long, "format": fmt}
+
+
+def collate_pairs(pairs: list[dict], pad_id: int) -> dict:
+    """One batch of 2B right-padded rows: the B chosen sides, then the B rejected sides."""
+    sides = [(p["chosen_ids"], p["chosen_labels"]) for p in pairs] + [(p["rejected_ids"], p["rejected_labels"])
+                                                                      for p in pairs]
+    width = max(len(ids) for ids, _ in sides)
+    input_ids = torch.full((len(sides), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(sides), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(sides), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(sides):
+        input_ids[i, :len(ids)], labels[i, :len(lab)], mask[i, :len(ids)] = (torch.tensor(ids), torch.tensor(lab), 1)
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": mask,
+             "num_tokens": sum(len(ids) for ids, _ in sides)}
+    if "ref_logps" in pairs[0]:
+        batch["ref_logps"] = torch.tensor([p["ref_logps"][0] for p in pairs] + [p["ref_logps"][1] for p in pairs])
+    return batch

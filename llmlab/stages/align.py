@@ -1,0 +1,153 @@
+"""`llmlab align`: preference alignment with DPO and its family, on the one training loop.
+
+    llmlab align --data pairs.json --method dpo --options.beta 0.1 --out runs/dpo        # LoRA on the policy
+    llmlab align --data pairs.jsonl --method simpo --tuning full --train.lr 1e-6          # every weight
+
+The reference model of DPO-style methods is the policy with its adapters disabled (one model in memory);
+with `--tuning full` (or freeze) the reference log-probs are computed once before training, from the
+untouched model, and kept in the run folder. SimPO and ORPO need no reference. The run reports, on the
+held-out pairs, the preference accuracy of the implicit reward (β · the log-ratio to the reference, or the
+mean log-probability for the reference-free methods) and its mean margin.
+"""
+
+import dataclasses
+import functools
+import json
+import logging
+from typing import Any
+
+import torch
+
+from llmlab import methods
+from llmlab.atomic import atomic_write
+from llmlab.config import build, field
+from llmlab.data.preference import collate_pairs, load_pairs
+from llmlab.errors import LlmlabError
+from llmlab.models import save_model
+from llmlab.models.load import ModelOptions
+from llmlab.peft import apply_method, disabled, print_trainable_parameters, save_adapter
+from llmlab.runs import RunOptions, start_run
+from llmlab.train import TrainConfig, fit, seed_everything
+from llmlab.train.losses import sequence_logps
+
+log = logging.getLogger("llmlab")
+
+
+@dataclasses.dataclass
+class AlignTrainConfig(TrainConfig):
+    lr: float = field(5e-5, help="peak learning rate (DPO with LoRA; full tuning wants ~1e-6)")
+    batch_size: int = field(4, help="preference pairs per micro-batch")
+
+
+@dataclasses.dataclass
+class AlignConfig(ModelOptions):
+    data: str = field("", help="preference pairs: .json/.jsonl/.csv/.parquet (hh-rlhf, sharegpt, messages, plain)")
+    method: str = field("dpo", help=", ".join(methods.names("align")))
+    options: dict[str, Any] = field({}, help="the method's options, e.g. --options.beta 0.1")
+    tuning: str = field("lora", help="what trains: a fine-tuning method (lora, dora, ia3, …) or full")
+    adapter: dict[str, Any] = field({}, help="the tuning method's options, e.g. --adapter.r 16")
+    template: str = field("auto", help="auto (the tokenizer's chat template) or alpaca")
+    max_len: int = field(512, help="tokens per side (prompt + reply); longer pairs are left out and counted")
+    limit: int | None = field(None, help="use only the first N pairs of --data")
+    eval_fraction: float = field(0.1, help="hold out this fraction of the pairs to measure preference accuracy")
+    train: AlignTrainConfig = field(default_factory=AlignTrainConfig, help="the training loop")
+    save: bool = field(True, help="save the adapter (or the model, with --tuning full) in the run folder")
+
+    @staticmethod
+    def more_help() -> str:
+        return "\n\n--options.* of each --method:\n" + methods.options_help("align")
+
+    def __post_init__(self):
+        methods.check("align", self.method)
+        cfg_cls, _, _ = methods.load("align", self.method)
+        build(cfg_cls, self.options, "options")  # fail before loading anything
+        methods.check("finetune", self.tuning, "--tuning")
+        if not 0 <= self.eval_fraction < 1:
+            raise LlmlabError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.max_len < 4:
+            raise LlmlabError(f"--max-len must be at least 4, got {self.max_len}")
+
+
+def align_verb(cfg: AlignConfig, opts: RunOptions) -> dict:
+    if not cfg.data:
+        raise LlmlabError("align needs preference pairs: --data FILE (chosen/rejected rows)")
+    cfg_cls, make_loss, entry = methods.load("align", cfg.method)
+    method_cfg = build(cfg_cls, cfg.options, "options")
+    model, tokenizer = cfg.load_model()
+    pairs, stats = load_pairs(cfg.data, tokenizer, template=cfg.template, max_len=cfg.max_len, limit=cfg.limit)
+    if stats["too_long"]:
+        log.warning("%d of %d pairs are longer than --max-len %d and were left out", stats["too_long"],
+                    stats["rows"], cfg.max_len)
+    n_eval = round(cfg.eval_fraction * len(pairs))
+    train, held = pairs[n_eval:], pairs[:n_eval]
+    if not train:
+        raise LlmlabError(f"--eval-fraction {cfg.eval_fraction} leaves no training pairs of {len(pairs)}")
+    collate = functools.partial(collate_pairs, pad_id=tokenizer.pad_token_id)
+    whole = bool(methods.entry("finetune", cfg.tuning).extra.get("whole_model"))
+    needs_reference = bool(entry.extra.get("reference"))
+    with start_run("align", cfg, opts) as run:
+        if needs_reference and whole:  # no adapters to switch off: the reference is computed before training
+            _attach_reference(model, pairs, collate, cfg.train.batch_size)
+            atomic_write(run.artifact("ref_logps.json"), json.dumps([p["ref_logps"] for p in pairs]) + "\n")
+        seed_everything(cfg.train.seed)
+        model = apply_method(model, cfg.tuning, cfg.adapter, tokenizer=tokenizer)
+        print_trainable_parameters(model)
+        loss_fn = make_loss(method_cfg, None if whole else _reference_with_adapters_off, cfg.method)
+        result = fit(model, loss_fn, train, cfg.train, collate=collate, run=run)
+        scores = preference_scores(model, held, collate, cfg.train.batch_size, getattr(method_cfg, "beta", 1.0),
+                                   needs_reference and not whole) if held else {}
+        saved = None
+        if cfg.save:
+            saved = save_model(model, tokenizer, run.path / "model") if whole else run.path / "adapter"
+            if not whole:
+                save_adapter(model, saved)
+        summary = run.finish({"model": cfg.model, "method": cfg.method, "tuning": cfg.tuning, **stats,
+                              "train_pairs": len(train), "eval_pairs": len(held), **result, **scores,
+                              "saved": str(saved) if saved else None})
+    shown = (f", held-out preference accuracy {scores['pref_accuracy']:.1%} (margin {scores['reward_margin']:.3f})"
+             if scores else "")
+    print(f"aligned {cfg.model} with {cfg.method} ({cfg.tuning}) on {len(train)} pairs for {result['steps']} steps, "
+          f"loss {result['train_loss']:.4f}{shown} -> {saved or run.path}")
+    return summary
+
+
+def _reference_with_adapters_off(model, batch: dict) -> torch.Tensor:
+    """π_ref: the same model with every adapter switched off, no gradient."""
+    with disabled(model), torch.no_grad():
+        return sequence_logps(model, batch)[0]
+
+
+@torch.no_grad()
+def _attach_reference(model, pairs: list[dict], collate, batch_size: int):
+    """Each pair's (chosen, rejected) reference log-probs, from the model before any training."""
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        logps = sequence_logps(model, {k: v.to(model.device) if torch.is_tensor(v) else v
+                                       for k, v in collate(chunk).items()})[0].tolist()
+        for i, pair in enumerate(chunk):
+            pair["ref_logps"] = (logps[i], logps[len(chunk) + i])
+    model.train(was_training)
+
+
+@torch.no_grad()
+def preference_scores(model, pairs: list[dict], collate, batch_size: int, beta: float, reference: bool) -> dict:
+    """How often the implicit reward prefers the chosen reply, and by how much on average: β · the log-ratio to
+    the reference (adapters off, or precomputed), else the mean log-probability of the reply."""
+    model.eval()
+    wins, margins = 0, []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in collate(chunk).items()}
+        logps, counts = sequence_logps(model, batch)
+        if "ref_logps" in batch or reference:
+            ref = batch["ref_logps"].to(logps) if "ref_logps" in batch else _reference_with_adapters_off(model, batch)
+            rewards = beta * (logps - ref)
+        else:
+            rewards = logps / counts
+        half = len(chunk)
+        margin = rewards[:half] - rewards[half:]
+        wins += int((margin > 0).sum())
+        margins += margin.tolist()
+    return {"pref_accuracy": wins / len(pairs), "reward_margin": sum(margins) / len(margins)}

@@ -1,0 +1,146 @@
+"""Preference data in every format, the DPO family's losses against their papers' formulas (values and
+gradients), and `llmlab align` end to end on tiny-llama."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmlab.cli import main
+from llmlab.data.preference import detect_format, load_pairs, to_pair
+from llmlab.errors import LlmlabError
+from llmlab.models import load_model
+from llmlab.train.losses import preference_loss
+from tests.conftest import SHARED_DATA
+
+ROWS = {
+    "hh-rlhf": {"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello!\n\nHuman: Name a fruit.\n\nAssistant: An apple.",
+                "rejected": "\n\nHuman: Hi?\n\nAssistant: Hello!\n\nHuman: Name a fruit.\n\nAssistant: No."},
+    "sharegpt": {"conversations": [{"from": "human", "value": "Name a fruit."}],
+                 "chosen": {"from": "gpt", "value": "An apple."}, "rejected": {"from": "gpt", "value": "No."}},
+    "messages": {"prompt": "Name a fruit.",
+                 "chosen": [{"role": "user", "content": "Name a fruit."},
+                            {"role": "assistant", "content": "An apple."}],
+                 "rejected": [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "No."}]},
+    "plain": {"prompt": "Name a fruit.", "chosen": "An apple.", "rejected": "No."},
+}
+
+
+@pytest.mark.parametrize("fmt", list(ROWS))
+def test_every_format_gives_the_prompt_and_two_replies(fmt):
+    row = ROWS[fmt]
+    assert detect_format(row, "row 1") == fmt
+    pair = to_pair(row, fmt, "row 1")
+    assert (pair.prompt[-1], pair.chosen, pair.rejected) == ({"role": "user", "content": "Name a fruit."},
+                                                             "An apple.", "No.")
+    if fmt == "hh-rlhf":
+        assert [m["role"] for m in pair.prompt] == ["user", "assistant", "user"]
+
+
+def test_labels_fall_on_the_last_reply_only(tmp_path):
+    _, tok = load_model("tiny-llama")
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(ROWS["hh-rlhf"]) + "\n")
+    (pair,), stats = load_pairs(str(path), tok)
+    target = [t for t, label in zip(pair["chosen_ids"], pair["chosen_labels"]) if label != -100]
+    assert tok.decode(target).startswith("An apple.") and "Hello" not in tok.decode(target)
+    assert stats == {"rows": 1, "pairs": 1, "too_long": 0, "format": "hh-rlhf"}
+
+
+def test_shared_preference_files_read():
+    rows = json.loads((SHARED_DATA / "preference" / "dpo_en_demo.json").read_text())
+    assert to_pair(rows[0], detect_format(rows[0], "row 1"), "row 1").chosen
+    first = json.loads((SHARED_DATA / "preference" / "hh-rlhf" / "helpful-base" / "test_first_half.jsonl")
+                       .read_text().split("\n")[0])
+    assert to_pair(first, detect_format(first, "row 1"), "row 1").prompt[0]["role"] == "user"
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "x", "chosen": "same", "rejected": "same"}, "row 1: chosen and rejected are identical"),
+    ({"prompt": "x", "chosen": "a"}, "row 1: missing field 'rejected'"),
+    ({"prompt": "x", "chosen": "", "rejected": "b"}, "row 1: field 'chosen' must be a non-empty string"),
+])
+def test_bad_pairs_are_named(row, message):
+    with pytest.raises(LlmlabError, match=message):
+        to_pair(row, detect_format(row, "row 1"), "row 1")
+
+
+def _logps(seed=0, n=5):
+    g = torch.Generator().manual_seed(seed)
+    return [-(torch.rand(n, generator=g, dtype=torch.float64) * 20 + 1).requires_grad_() for _ in range(4)]
+
+
+def test_losses_are_the_papers_formulas():
+    c, r, rc, rr = _logps()
+    nc, nr = torch.tensor([3., 5, 7, 2, 4], dtype=torch.float64), torch.tensor([6., 2, 3, 9, 1], dtype=torch.float64)
+    beta, eps, gamma = 0.3, 0.1, 0.7
+    d = (c - rc) - (r - rr)
+    checks = {
+        "sigmoid": -(1 - eps) * F.logsigmoid(beta * d) - eps * F.logsigmoid(-beta * d),
+        "hinge": torch.clamp(1 - beta * d, min=0),
+        "robust": ((1 - eps) * -F.logsigmoid(beta * d) + eps * F.logsigmoid(-beta * d)) / (1 - 2 * eps),
+        "ipo": (((c - rc) / nc - (r - rr) / nr) - 1 / (2 * beta)) ** 2,
+        "simpo": -F.logsigmoid(beta * (c / nc - r / nr) - gamma),
+    }
+    for kind, expected in checks.items():
+        got = preference_loss(kind, c, r, rc, rr, nc, nr, beta=beta, label_smoothing=eps, gamma=gamma)
+        torch.testing.assert_close(got, expected, msg=kind)
+    pw, pl = torch.exp(c / nc), torch.exp(r / nr)  # ORPO: odds = P / (1 − P) of the mean likelihoods
+    orpo = -c / nc - beta * F.logsigmoid(torch.log(pw / (1 - pw)) - torch.log(pl / (1 - pl)))
+    torch.testing.assert_close(preference_loss("orpo", c, r, n_chosen=nc, n_rejected=nr, beta=beta), orpo)
+    # DPO at the reference (Δ = 0) is log 2, whatever β
+    assert preference_loss("sigmoid", c, r, c, r, beta=5.0).detach().allclose(torch.full((5,), math.log(2),
+                                                                                          dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "hinge", "ipo", "robust", "simpo", "orpo"])
+def test_loss_gradients_pass_gradcheck(kind):
+    c, r, rc, rr = _logps(1)
+    nc, nr = torch.full((5,), 4.0, dtype=torch.float64), torch.full((5,), 6.0, dtype=torch.float64)
+
+    def f(c, r):
+        return preference_loss(kind, c, r, rc.detach(), rr.detach(), nc, nr, beta=0.2, label_smoothing=0.1,
+                               gamma=0.5).sum()
+
+    assert torch.autograd.gradcheck(f, (c, r))
+
+
+def _pairs(path, n=24):
+    words = ["apple", "river", "stone", "cloud", "green", "table", "music", "light", "bread", "chair", "plant", "tiger"]
+    rows = [{"prompt": f"Say {w}.", "chosen": w, "rejected": w[::-1] + "?"} for w in (words * 2)[:n]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("method, tuning", [("dpo", "lora"), ("ipo", "lora"), ("simpo", "lora"), ("orpo", "lora"),
+                                            ("dpo", "full")])
+def test_align_trains_and_prefers_the_chosen_replies(tmp_path, capsys, method, tuning):
+    data = _pairs(tmp_path / "pairs.jsonl")
+    lr = "5e-4" if tuning == "full" else "5e-3"
+    assert main(["align", "--model", "tiny-llama", "--data", data, "--method", method, "--tuning", tuning,
+                 "--eval-fraction", "0.25", "--train.max-steps", "12", "--train.lr", lr, "--train.log-every", "1",
+                 "--train.warmup-steps", "0", "--out", "run", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().split("\n")
+              if line and "loss" in json.loads(line)]
+    if method == "dpo":
+        assert losses[0] == pytest.approx(math.log(2), abs=1e-4)  # step 1 starts at the reference: Δ = 0
+    assert losses[-1] < losses[0]
+    assert summary["pref_accuracy"] >= 0.5 and summary["train_pairs"] == 18 and summary["eval_pairs"] == 6
+    assert (tmp_path / "run" / ("model" if tuning == "full" else "adapter")).is_dir()
+    if tuning == "full":
+        assert len(json.loads((tmp_path / "run" / "ref_logps.json").read_text())) == 24
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "dpoo"], "unknown --method 'dpoo' (did you mean 'dpo'?)"),
+    (["--options.beta", "0"], "--options.beta must be positive, got 0"),
+    (["--tuning", "loraa"], "unknown --tuning 'loraa'"),
+])
+def test_align_mistakes_are_one_line_errors(tmp_path, capsys, argv, message):
+    data = _pairs(tmp_path / "pairs.jsonl")
+    assert main(["align", "--model", "tiny-llama", "--data", data, *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
