@@ -41,7 +41,7 @@ STAGES = {
     "merge": ("llmlab.stages.merge", "merge_verb", "MergeConfig", [],
               "merge a trained adapter into its base model and save the result"),
     "align": ("llmlab.stages.align", "align_verb", "AlignConfig", [],
-              "preference alignment: dpo, cdpo, robust, hinge, ipo, simpo, orpo (LoRA or full)"),
+              "preference alignment: dpo, cdpo, robust, hinge, ipo, simpo, orpo, and reward models (LoRA or full)"),
     "quantize": ("llmlab.stages.quantize", "quantize_verb", "QuantizeConfig", [],
                  "quantize a model (rtn, gptq, awq, smoothquant, llm_int8, zeroquant, nf4; + LoRC) and save it packed"),
     "prune": ("llmlab.stages.prune", "prune_verb", "PruneConfig", [],
@@ -70,6 +70,8 @@ STAGES = {
                    "GSM8K: 8-shot chain-of-thought generation, exact match on the final number"),
     "eval harness": ("llmlab.stages.harness", "harness_verb", "HarnessConfig", [],
                      "any lm-evaluation-harness task on any llmlab model, adapters included"),
+    "eval reward": ("llmlab.stages.align", "reward_eval_verb", "RewardEvalConfig", [],
+                    "a reward model's pairwise accuracy and margin distribution on held-out preference pairs"),
     "arena": ("llmlab.stages.arena", "arena_verb", "ArenaConfig", [],
               "pairwise battles between models' answers, judged by a model or a person, as Elo ratings"),
     "report": ("llmlab.stages.report", "report_verb", "ReportConfig", ["runs*"],
@@ -232,7 +234,8 @@ def _verb_help(verb: str, cfg_cls, positionals: list[str]) -> str:
              ("--json", "", "false", "print the summary as JSON on the last line"),
              ("--debug", "", "false", "show tracebacks")]
     width = max(len(f"{opt} {kind}") for opt, kind, *_ in rows) + 2
-    lines = [f"  {f'{opt} {kind}'.strip():<{width}}{help_}{_default(default, help_)}" for opt, kind, default, help_ in rows]
+    lines = [f"  {f'{opt} {kind}'.strip():<{width}}{help_}{_default(default, help_)}"
+             for opt, kind, default, help_ in rows]
     args = " ".join(f"[{p[:-1].upper()}…]" if p.endswith("*") else p.upper() + ("…" if p.endswith("s") else "")
                     for p in positionals)
     more = cfg_cls.more_help() if hasattr(cfg_cls, "more_help") else ""  # e.g. each method's options

@@ -121,6 +121,8 @@ TABLE: dict[str, dict[str, Entry]] = {
                   extra={"reference": True}),
         "simpo": _e("align.simpo", "SimPOConfig", "simpo_loss", "SimPO: length-normalised, no reference"),
         "orpo": _e("align.orpo", "ORPOConfig", "orpo_loss", "ORPO: SFT plus an odds ratio, no reference"),
+        "reward": _e("align.reward", "RewardConfig", "reward_loss", "a reward model: Bradley–Terry on a scalar head",
+                     extra={"reward_model": True}),
     },
     "data": {
         "language": _e("data.steps.language", "LanguageConfig", "Language", "language identification and filter"),

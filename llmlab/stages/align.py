@@ -2,6 +2,8 @@
 
     llmlab align --data pairs.json --method dpo --options.beta 0.1 --out runs/dpo        # LoRA on the policy
     llmlab align --data pairs.jsonl --method simpo --tuning full --train.lr 1e-6          # every weight
+    llmlab align --data pairs.jsonl --method reward --out runs/rm                          # a reward model
+    llmlab eval reward --model runs/rm --data heldout.jsonl
 
 The reference model of DPO-style methods is the policy with its adapters disabled (one model in memory);
 with `--tuning full` (or freeze) the reference log-probs are computed once before training, from the
@@ -25,7 +27,8 @@ from llmlab.data.preference import collate_pairs, load_pairs
 from llmlab.errors import LlmlabError
 from llmlab.models import save_model
 from llmlab.models.load import ModelOptions
-from llmlab.peft import apply_method, disabled, print_trainable_parameters, save_adapter
+from llmlab.align.reward import load_reward_model, pairwise_scores, reward_model
+from llmlab.peft import apply_method, disabled, merge_and_unload, print_trainable_parameters, save_adapter
 from llmlab.runs import RunOptions, start_run
 from llmlab.train import TrainConfig, fit, seed_everything
 from llmlab.train.losses import sequence_logps
@@ -85,19 +88,29 @@ def align_verb(cfg: AlignConfig, opts: RunOptions) -> dict:
     collate = functools.partial(collate_pairs, pad_id=tokenizer.pad_token_id)
     whole = bool(methods.entry("finetune", cfg.tuning).extra.get("whole_model"))
     needs_reference = bool(entry.extra.get("reference"))
+    is_reward = bool(entry.extra.get("reward_model"))
+    if is_reward:
+        model = reward_model(model)
     with start_run("align", cfg, opts) as run:
         if needs_reference and whole:  # no adapters to switch off: the reference is computed before training
             _attach_reference(model, pairs, collate, cfg.train.batch_size)
             atomic_write(run.artifact("ref_logps.json"), json.dumps([p["ref_logps"] for p in pairs]) + "\n")
         seed_everything(cfg.train.seed)
         model = apply_method(model, cfg.tuning, cfg.adapter, tokenizer=tokenizer)
+        if is_reward:  # the new head always trains, whatever the adapters wrap
+            model.get_submodule(model.llmlab_head_name).requires_grad_(True)
         print_trainable_parameters(model)
         loss_fn = make_loss(method_cfg, None if whole else _reference_with_adapters_off, cfg.method)
         result = fit(model, loss_fn, train, cfg.train, collate=collate, run=run)
-        scores = preference_scores(model, held, collate, cfg.train.batch_size, getattr(method_cfg, "beta", 1.0),
-                                   needs_reference and not whole) if held else {}
+        if is_reward:
+            scores = _reward_scores(pairwise_scores(model, held, collate, cfg.train.batch_size)) if held else {}
+        else:
+            scores = preference_scores(model, held, collate, cfg.train.batch_size, getattr(method_cfg, "beta", 1.0),
+                                       needs_reference and not whole) if held else {}
         saved = None
-        if cfg.save:
+        if cfg.save and is_reward:  # a reward model is used on its own: saved whole, adapters merged in
+            saved = save_model(model if whole else merge_and_unload(model), tokenizer, run.path / "model")
+        elif cfg.save:
             saved = save_model(model, tokenizer, run.path / "model") if whole else run.path / "adapter"
             if not whole:
                 save_adapter(model, saved)
@@ -108,6 +121,38 @@ def align_verb(cfg: AlignConfig, opts: RunOptions) -> dict:
              if scores else "")
     print(f"aligned {cfg.model} with {cfg.method} ({cfg.tuning}) on {len(train)} pairs for {result['steps']} steps, "
           f"loss {result['train_loss']:.4f}{shown} -> {saved or run.path}")
+    return summary
+
+
+def _reward_scores(scores: dict) -> dict:
+    """A reward model's held-out scores under the names the summary shares with the policy methods."""
+    return {"pref_accuracy": scores["pairwise_accuracy"], "reward_margin": scores["margin_mean"],
+            "margin_quartiles": scores["margin_quartiles"]}
+
+
+@dataclasses.dataclass
+class RewardEvalConfig:
+    model: str = field("", help="the reward model: a folder or the run folder of `llmlab align --method reward`")
+    data: str = field("", help="held-out preference pairs (any format `llmlab align` reads)")
+    template: str = field("auto", help="auto (the tokenizer's chat template) or alpaca")
+    max_len: int = field(1024, help="tokens per side; longer pairs are left out and counted")
+    limit: int | None = field(None, help="score only the first N pairs")
+    batch_size: int = field(8, help="pairs per forward pass")
+
+
+def reward_eval_verb(cfg: RewardEvalConfig, opts: RunOptions) -> dict:
+    """`llmlab eval reward`: pairwise accuracy and the margin distribution of a reward model on held-out pairs."""
+    if not cfg.model or not cfg.data:
+        raise LlmlabError("eval reward needs --model (a reward model folder) and --data (preference pairs)")
+    model, tokenizer = load_reward_model(cfg.model)
+    pairs, stats = load_pairs(cfg.data, tokenizer, template=cfg.template, max_len=cfg.max_len, limit=cfg.limit)
+    collate = functools.partial(collate_pairs, pad_id=tokenizer.pad_token_id)
+    with start_run("eval reward", cfg, opts) as run:
+        scores = pairwise_scores(model, pairs, collate, cfg.batch_size)
+        run.log_metrics(pairwise_accuracy=scores["pairwise_accuracy"], margin_mean=scores["margin_mean"])
+        summary = run.finish({"model": cfg.model, "data": cfg.data, **stats, **scores})
+    print(f"reward model {cfg.model}: pairwise accuracy {scores['pairwise_accuracy']:.1%} on {scores['pairs']} pairs, "
+          f"margin mean {scores['margin_mean']:.3f} (quartiles {scores['margin_quartiles']}) -> {summary['path']}")
     return summary
 
 

@@ -144,3 +144,30 @@ def test_align_mistakes_are_one_line_errors(tmp_path, capsys, argv, message):
     assert main(["align", "--model", "tiny-llama", "--data", data, *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
+
+
+def test_a_reward_model_learns_the_pairs_saves_and_loads_back(tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    from llmlab.align.reward import load_reward_model, rewards
+    from llmlab.data.preference import collate_pairs
+
+    data = _pairs(tmp_path / "pairs.jsonl")
+    assert main(["align", "--model", "tiny-llama", "--data", data, "--method", "reward", "--eval-fraction", "0.25",
+                 "--train.max-steps", "30", "--train.lr", "5e-3", "--train.warmup-steps", "0", "--out", "rm",
+                 "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["pref_accuracy"] >= 0.5
+    model, tok = load_reward_model(tmp_path / "rm")
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "model")  # a standard HF folder
+    pairs, _ = load_pairs(data, tok)
+    batch = collate_pairs(pairs[:4], tok.pad_token_id)
+    with torch.no_grad():
+        ours = rewards(model, batch)
+        # transformers scores the last non-pad token itself: with right padding and a pad unlike EOS, the same one
+        theirs = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=1e-5)
+    assert main(["eval", "reward", "--model", "rm", "--data", data, "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scores["pairs"] == 24 and scores["pairwise_accuracy"] > 0.5  # trained on 18 of these 24
+    assert main(["eval", "reward", "--model", "tiny-llama", "--data", data]) == 2  # not a reward model
