@@ -15,6 +15,8 @@ its tokens (and the EOS that ends them) are the labels, everything before is −
 """
 
 import dataclasses
+import logging
+import os
 import re
 
 import torch
@@ -23,8 +25,11 @@ from llmlab.data.packing import IGNORE
 from llmlab.data.sft import SHAREGPT_ROLES, chat_template, encode_chat, read_rows
 from llmlab.errors import LlmlabError
 
+log = logging.getLogger("llmlab")
+
 FORMATS = ("hh-rlhf", "sharegpt", "messages", "plain")
 _TURN = re.compile(r"\n\n(Human|Assistant): ")
+_ASSISTANT = "\n\nAssistant:"
 
 
 @dataclasses.dataclass
@@ -51,12 +56,7 @@ def to_pair(row: dict, fmt: str, where: str) -> Pair:
         if key not in row:
             raise LlmlabError(f"{where}: missing field '{key}'")
     if fmt == "hh-rlhf":
-        chosen, rejected = _transcript(_str(row, "chosen", where), where), _transcript(_str(row, "rejected", where),
-                                                                                       where)
-        if chosen[:-1] != rejected[:-1]:
-            raise LlmlabError(f"{where}: chosen and rejected differ before their last Assistant turn; "
-                              "hh-rlhf pairs share the conversation and differ in the last reply only")
-        pair = Pair(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"])
+        pair = _hh_pair(_str(row, "chosen", where), _str(row, "rejected", where), where)
     elif fmt == "sharegpt":
         turns = row["conversations"]
         if not isinstance(turns, list) or not turns:
@@ -107,14 +107,22 @@ def _last(value, key: str, where: str) -> str:
     return value
 
 
-def _transcript(text: str, where: str) -> list[dict]:
-    """"\\n\\nHuman: a\\n\\nAssistant: b" -> [{user: a}, {assistant: b}]; the last turn must be the Assistant's."""
-    parts = _TURN.split(text)
-    if len(parts) < 3 or parts[-2] != "Assistant":
-        raise LlmlabError(f"{where}: an hh-rlhf transcript must alternate \\n\\nHuman: … \\n\\nAssistant: … and end "
-                          "with the Assistant")
+def _hh_pair(chosen: str, rejected: str, where: str) -> Pair:
+    """An hh-rlhf pair: the prompt is the transcripts' shared beginning up to its last "\n\nAssistant:" (as TRL
+    extracts it), the replies the rest. A reply may itself hold "\n\nHuman:" lines (the data's models wrote
+    some), so the replies are never split into turns; only the shared prompt is."""
+    shared = os.path.commonprefix([chosen, rejected])
+    cut = shared.rfind(_ASSISTANT)
+    if cut < 0:
+        raise LlmlabError(f"{where}: an hh-rlhf pair's transcripts must share their beginning up to an "
+                          "\\n\\nAssistant: turn")
+    parts = _TURN.split(chosen[:cut])
+    if parts[0].strip() or len(parts) < 3 or parts[-2] != "Human":
+        raise LlmlabError(f"{where}: an hh-rlhf transcript must alternate \\n\\nHuman: … \\n\\nAssistant: … "
+                          "and the prompt must end with the Human")
     roles = {"Human": "user", "Assistant": "assistant"}
-    return [{"role": roles[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts) - 1, 2)]
+    prompt = [{"role": roles[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts) - 1, 2)]
+    return Pair(prompt, chosen[cut + len(_ASSISTANT):].strip(), rejected[cut + len(_ASSISTANT):].strip())
 
 
 def encode_side(pair: Pair, reply: str, tokenizer, template: str) -> tuple[list[int], list[int]]:
@@ -129,15 +137,18 @@ def encode_side(pair: Pair, reply: str, tokenizer, template: str) -> tuple[list[
 def load_pairs(data: str, tokenizer, *, template: str = "auto", max_len: int = 1024,
                limit: int | None = None) -> tuple[list[dict], dict]:
     """Tokenized pairs {chosen_ids, chosen_labels, rejected_ids, rejected_labels} and counts; pairs longer than
-    `max_len` are left out and counted (never silently)."""
+    `max_len`, and pairs whose two replies are the same, are left out and counted (never silently)."""
     rows = read_rows(data)
     if not rows:
         raise LlmlabError(f"{data} holds no rows")
     rows = rows[:limit] if limit else rows
     fmt = detect_format(rows[0], f"{data} row 1")
     tpl = chat_template(tokenizer, template)
-    pairs, too_long = [], 0
+    pairs, too_long, identical = [], 0, []
     for number, row in enumerate(rows, 1):
+        if isinstance(row.get("chosen"), str) and row.get("chosen") == row.get("rejected"):
+            identical.append(number)  # real data has a few (hh-rlhf helpful-base); they teach nothing
+            continue
         pair = to_pair(row, fmt, f"{data} row {number}")
         (c_ids, c_lab), (r_ids, r_lab) = (encode_side(pair, reply, tokenizer, tpl) for reply in (pair.chosen,
                                                                                                  pair.rejected))
@@ -145,9 +156,14 @@ def load_pairs(data: str, tokenizer, *, template: str = "auto", max_len: int = 1
             too_long += 1
             continue
         pairs.append({"chosen_ids": c_ids, "chosen_labels": c_lab, "rejected_ids": r_ids, "rejected_labels": r_lab})
+    if identical:
+        log.warning("%s: %d pair(s) with identical chosen and rejected left out (row %s%s)", data, len(identical),
+                    identical[0], " …" if len(identical) > 1 else "")
     if not pairs:
-        raise LlmlabError(f"no pairs left in {data}: all {len(rows)} are longer than --max-len {max_len}; raise it")
-    return pairs, {"rows": len(rows), "pairs": len(pairs), "too_long": too_long, "format": fmt}
+        raise LlmlabError(f"no pairs left in {data}: of {len(rows)}, {too_long} are longer than --max-len {max_len} "
+                          f"and {len(identical)} identical")
+    return pairs, {"rows": len(rows), "pairs": len(pairs), "too_long": too_long, "identical": len(identical),
+                   "format": fmt}
 
 
 def collate_pairs(pairs: list[dict], pad_id: int) -> dict:

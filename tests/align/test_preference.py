@@ -46,15 +46,31 @@ def test_labels_fall_on_the_last_reply_only(tmp_path):
     (pair,), stats = load_pairs(str(path), tok)
     target = [t for t, label in zip(pair["chosen_ids"], pair["chosen_labels"]) if label != -100]
     assert tok.decode(target).startswith("An apple.") and "Hello" not in tok.decode(target)
-    assert stats == {"rows": 1, "pairs": 1, "too_long": 0, "format": "hh-rlhf"}
+    assert stats == {"rows": 1, "pairs": 1, "too_long": 0, "identical": 0, "format": "hh-rlhf"}
+    short = {"chosen": "\n\nHuman: Hi\n\nAssistant: Yes", "rejected": "\n\nHuman: Hi\n\nAssistant: No"}
+    same = {"chosen": short["chosen"], "rejected": short["chosen"]}
+    path.write_text("".join(json.dumps(r) + "\n" for r in (short, ROWS["hh-rlhf"], same)))
+    _, stats = load_pairs(str(path), tok, max_len=40)
+    assert (stats["pairs"], stats["too_long"], stats["identical"]) == (1, 1, 1)  # left out and counted
 
 
-def test_shared_preference_files_read():
+def test_an_hh_reply_that_holds_turn_markers_stays_one_reply():
+    row = {"chosen": "\n\nHuman: Name artists.\n\nAssistant: Shankar\n\nPiaf",
+           "rejected": "\n\nHuman: Name artists.\n\nAssistant: A list?\n\nHumans: ok\n\nAssistant: Queen"}
+    pair = to_pair(row, "hh-rlhf", "row 1")
+    assert pair.prompt == [{"role": "user", "content": "Name artists."}]
+    assert (pair.chosen, pair.rejected) == ("Shankar\n\nPiaf", "A list?\n\nHumans: ok\n\nAssistant: Queen")
+
+
+def test_every_shared_preference_row_reads():
     rows = json.loads((SHARED_DATA / "preference" / "dpo_en_demo.json").read_text())
-    assert to_pair(rows[0], detect_format(rows[0], "row 1"), "row 1").chosen
-    first = json.loads((SHARED_DATA / "preference" / "hh-rlhf" / "helpful-base" / "test_first_half.jsonl")
-                       .read_text().split("\n")[0])
-    assert to_pair(first, detect_format(first, "row 1"), "row 1").prompt[0]["role"] == "user"
+    assert all(to_pair(r, detect_format(r, "row"), f"row {i}").chosen for i, r in enumerate(rows, 1))
+    for subset in ("helpful-base", "harmless-base"):
+        path = SHARED_DATA / "preference" / "hh-rlhf" / subset / "test_first_half.jsonl"
+        rows = [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
+        pairs = [to_pair(r, "hh-rlhf", f"{subset} row {i}") for i, r in enumerate(rows, 1)
+                 if r["chosen"] != r["rejected"]]
+        assert len(pairs) >= 0.95 * len(rows) and all(p.prompt[-1]["role"] == "user" for p in pairs)
 
 
 @pytest.mark.parametrize("row, message", [
