@@ -12,21 +12,9 @@ from inspect import signature
 from llmlab import methods
 from llmlab.config import build
 from llmlab.peft.adapter import AdapterConfig, apply_adapter
-from llmlab.peft.base import (
-    DEFAULT,
-    active_adapters,
-    adapter_names,
-    delete_adapter,
-    disabled,
-    mark_trainable,
-    merge,
-    merge_and_unload,
-    print_trainable_parameters,
-    set_adapter,
-    trainable_parameters,
-    unmerge,
-    using_adapter,
-)
+from llmlab.peft.base import (DEFAULT, active_adapters, adapter_names, delete_adapter, disabled, mark_trainable, merge,
+                              merge_and_unload, print_trainable_parameters, set_adapter, trainable_parameters, unmerge,
+                              using_adapter)
 from llmlab.peft.dora import DoraConfig, apply_dora
 from llmlab.peft.freeze import FreezeConfig, FullConfig, apply_freeze, apply_full
 from llmlab.peft.ia3 import IA3Config, apply_ia3

@@ -31,14 +31,8 @@ from llmlab.config import field
 from llmlab.data.packing import to_device
 from llmlab.data.text import lines
 from llmlab.errors import LlmlabError
-from llmlab.train.checkpoint import (
-    checkpoint_name,
-    latest_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    restore_rng,
-    save_checkpoint,
-)
+from llmlab.train.checkpoint import (checkpoint_name, latest_checkpoint, load_checkpoint, prune_checkpoints,
+                                     restore_rng, save_checkpoint)
 from llmlab.train.schedule import lr_at
 
 log = logging.getLogger("llmlab")

@@ -3,17 +3,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from llmlab.compress.llm_pruner import (
-    LLMPrunerConfig,
-    _layer_params,
-    group_importance,
-    layer_dims,
-    lora_importance,
-    n_params,
-    plan,
-    prune_llm_pruner,
-    pruned_layers,
-)
+from llmlab.compress.llm_pruner import (LLMPrunerConfig, _layer_params, group_importance, layer_dims, lora_importance,
+                                        n_params, plan, prune_llm_pruner, pruned_layers)
 from llmlab.errors import LlmlabError
 from llmlab.models import load_model, save_model
 from llmlab.models.layers import decoder_layers

@@ -9,18 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmlab.compress.qat import (
-    FakeQuantLinear,
-    QATConfig,
-    QATSpec,
-    collate,
-    convert_qat,
-    frozen_copy,
-    generate_data,
-    prepare_qat,
-    quantize_qat,
-    training_data,
-)
+from llmlab.compress.qat import (FakeQuantLinear, QATConfig, QATSpec, collate, convert_qat, frozen_copy, generate_data,
+                                 prepare_qat, quantize_qat, training_data)
 from llmlab.config import build
 from llmlab.errors import LlmlabError
 from llmlab.models import load_model

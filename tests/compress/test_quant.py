@@ -6,15 +6,7 @@ import pytest
 import torch
 
 from llmlab.errors import LlmlabError
-from llmlab.models.packed.quant import (
-    EPS,
-    QuantSpec,
-    dequantize,
-    fake_quantize,
-    fit_grid,
-    quantize,
-    quantize_column,
-)
+from llmlab.models.packed.quant import EPS, QuantSpec, dequantize, fake_quantize, fit_grid, quantize, quantize_column
 
 
 def test_asymmetric_two_bit_row_by_hand():

@@ -4,14 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from llmlab.compress.smoothquant import (
-    SmoothQuantConfig,
-    activation_absmax,
-    fold,
-    quantize_smoothquant,
-    smooth_model,
-    smoothing_scales,
-)
+from llmlab.compress.smoothquant import (SmoothQuantConfig, activation_absmax, fold, quantize_smoothquant, smooth_model,
+                                         smoothing_scales)
 from llmlab.errors import LlmlabError
 from llmlab.models import load_model
 from llmlab.models.packed.io import load_quantized, save_quantized

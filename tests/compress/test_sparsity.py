@@ -3,16 +3,8 @@
 import pytest
 import torch
 
-from llmlab.compress.sparsity import (
-    PruneSpec,
-    check_model,
-    matrix_mask,
-    n_pruned,
-    nm_mask,
-    prune_targets,
-    row_mask,
-    sparsity_report,
-)
+from llmlab.compress.sparsity import (PruneSpec, check_model, matrix_mask, n_pruned, nm_mask, prune_targets, row_mask,
+                                      sparsity_report)
 from llmlab.errors import LlmlabError
 
 

@@ -6,16 +6,8 @@ import pytest
 from llmlab.data.pipeline import make_step
 from llmlab.data.steps import minhash
 from llmlab.data.steps.base import StepLog
-from llmlab.data.steps.minhash import (
-    MinhashDedupConfig,
-    MinHasher,
-    Shingler,
-    UnionFind,
-    cluster_first,
-    lsh_params,
-    minhash_duplicates,
-    near_duplicate_pairs,
-)
+from llmlab.data.steps.minhash import (MinhashDedupConfig, MinHasher, Shingler, UnionFind, cluster_first, lsh_params,
+                                       minhash_duplicates, near_duplicate_pairs)
 from llmlab.errors import LlmlabError
 
 VOCAB = [f"w{i}" for i in range(3000)]

@@ -6,14 +6,8 @@ import pytest
 
 from llmlab.data.pipeline import make_step
 from llmlab.data.steps.base import StepLog
-from llmlab.data.steps.substring import (
-    SubstringDedupConfig,
-    concatenate,
-    dedup_substrings,
-    duplicate_spans,
-    repeated_mask,
-    suffix_array,
-)
+from llmlab.data.steps.substring import (SubstringDedupConfig, concatenate, dedup_substrings, duplicate_spans,
+                                         repeated_mask, suffix_array)
 from llmlab.errors import LlmlabError
 
 

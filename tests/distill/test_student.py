@@ -1,14 +1,8 @@
 import pytest
 import torch
 
-from llmlab.distill.student import (
-    StudentConfig,
-    check_tokenizers,
-    drop_layers,
-    evenly_spaced,
-    fresh_student,
-    make_student,
-)
+from llmlab.distill.student import (StudentConfig, check_tokenizers, drop_layers, evenly_spaced, fresh_student,
+                                    make_student)
 from llmlab.errors import LlmlabError
 from llmlab.models import decoder_layers, load_model, save_model
 from llmlab.models.tiny import byte_tokenizer, tiny_model

@@ -6,18 +6,8 @@ import pytest
 import torch
 
 from llmlab.errors import LlmlabError
-from llmlab.evaluate.multiple_choice import (
-    Item,
-    Question,
-    _groups,
-    _layout,
-    accuracy,
-    choice_metrics,
-    encode_items,
-    encode_pair,
-    evaluate_items,
-    score_questions,
-)
+from llmlab.evaluate.multiple_choice import (Item, Question, _groups, _layout, accuracy, choice_metrics, encode_items,
+                                             encode_pair, evaluate_items, score_questions)
 from llmlab.models import load_model
 
 SHOTS = "The following are sums.\n\n" + "".join(f"{i} + {i} =\nAnswer: {2 * i}\n\n" for i in range(6))

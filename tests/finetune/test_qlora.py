@@ -16,16 +16,8 @@ from llmlab.models import load_model
 from llmlab.models.packed.io import save_quantized
 from llmlab.models.packed.nf4 import NF4Linear
 from llmlab.models.packed.qlinear import QuantLinear, quantized_linears
-from llmlab.peft import (
-    DoraConfig,
-    IA3Config,
-    LoraConfig,
-    apply_dora,
-    apply_ia3,
-    apply_lora,
-    load_adapter,
-    merge_and_unload,
-)
+from llmlab.peft import (DoraConfig, IA3Config, LoraConfig, apply_dora, apply_ia3, apply_lora, load_adapter,
+                         merge_and_unload)
 from llmlab.peft.lora import LoraLinear
 
 ROWS = [{"instruction": f"Repeat the word {w}", "input": "", "output": f"{w} {w} {w}"}

@@ -6,21 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmlab.errors import LlmlabError
-from llmlab.peft import (
-    AdapterConfig,
-    LoraConfig,
-    adapter_names,
-    apply_adapter,
-    apply_lora,
-    apply_method,
-    delete_adapter,
-    disabled,
-    load_adapter,
-    merge,
-    save_adapter,
-    set_adapter,
-    trainable_parameters,
-)
+from llmlab.peft import (AdapterConfig, LoraConfig, adapter_names, apply_adapter, apply_lora, apply_method,
+                         delete_adapter, disabled, load_adapter, merge, save_adapter, set_adapter, trainable_parameters)
 from llmlab.peft.adapter import AdapterLinear
 from llmlab.peft.base import adapter_modules
 from tests.peft.oracle import IDS, fresh, logits, randomize

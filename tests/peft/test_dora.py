@@ -4,22 +4,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from llmlab.errors import LlmlabError
-from llmlab.peft import (
-    DoraConfig,
-    LoraConfig,
-    adapter_names,
-    apply_dora,
-    apply_lora,
-    apply_method,
-    delete_adapter,
-    load_adapter,
-    merge,
-    merge_and_unload,
-    save_adapter,
-    set_adapter,
-    trainable_parameters,
-    unmerge,
-)
+from llmlab.peft import (DoraConfig, LoraConfig, adapter_names, apply_dora, apply_lora, apply_method, delete_adapter,
+                         load_adapter, merge, merge_and_unload, save_adapter, set_adapter, trainable_parameters,
+                         unmerge)
 from llmlab.peft.dora import DoRA, DoraLinear
 from llmlab.peft.io import PREFIX, config_from_peft
 from llmlab.peft.lora import LoraLinear

@@ -4,21 +4,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from llmlab.errors import LlmlabError
-from llmlab.peft import (
-    IA3Config,
-    LoraConfig,
-    apply_ia3,
-    apply_lora,
-    apply_method,
-    disabled,
-    load_adapter,
-    merge,
-    merge_and_unload,
-    save_adapter,
-    set_adapter,
-    trainable_parameters,
-    unmerge,
-)
+from llmlab.peft import (IA3Config, LoraConfig, apply_ia3, apply_lora, apply_method, disabled, load_adapter, merge,
+                         merge_and_unload, save_adapter, set_adapter, trainable_parameters, unmerge)
 from llmlab.peft.base import adapter_modules
 from llmlab.peft.ia3 import IA3, IA3Linear, from_peft
 from llmlab.peft.lora import LoraLinear

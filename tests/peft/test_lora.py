@@ -6,21 +6,8 @@ from torch import nn
 
 from llmlab.errors import LlmlabError
 from llmlab.models import load_model
-from llmlab.peft import (
-    LoraConfig,
-    adapter_names,
-    apply_lora,
-    apply_method,
-    delete_adapter,
-    disabled,
-    load_adapter,
-    merge,
-    merge_and_unload,
-    save_adapter,
-    set_adapter,
-    trainable_parameters,
-    unmerge,
-)
+from llmlab.peft import (LoraConfig, adapter_names, apply_lora, apply_method, delete_adapter, disabled, load_adapter,
+                         merge, merge_and_unload, save_adapter, set_adapter, trainable_parameters, unmerge)
 from llmlab.peft.lora import LoRA, LoraLinear
 from tests.peft.oracle import fresh, logits, peft_logits, peft_save, randomize
 

@@ -3,34 +3,13 @@ import torch
 from transformers import DynamicCache
 
 from llmlab.errors import LlmlabError
-from llmlab.peft import (
-    PrefixConfig,
-    PTuningV2Config,
-    adapter_names,
-    apply_method,
-    apply_prefix,
-    apply_ptuning2,
-    delete_adapter,
-    disabled,
-    load_adapter,
-    save_adapter,
-    set_adapter,
-)
+from llmlab.peft import (PrefixConfig, PTuningV2Config, adapter_names, apply_method, apply_prefix, apply_ptuning2,
+                         delete_adapter, disabled, load_adapter, save_adapter, set_adapter)
 from llmlab.peft.base import adapter_method
 from llmlab.peft.inputs import SoftPrompt
 from llmlab.peft.prefix import PrefixEncoder
-from tests.peft.oracle import (
-    IDS,
-    fresh,
-    hf_generate,
-    lively,
-    llmlab_generate,
-    logits,
-    peft_logits,
-    peft_save,
-    randomize,
-    stepwise_greedy,
-)
+from tests.peft.oracle import (IDS, fresh, hf_generate, lively, llmlab_generate, logits, peft_logits, peft_save,
+                               randomize, stepwise_greedy)
 
 
 def test_prefix_mlp_is_the_reparameterisation():

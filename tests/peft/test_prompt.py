@@ -3,32 +3,10 @@ import torch
 
 from llmlab.errors import LlmlabError
 from llmlab.models.tiny import byte_tokenizer
-from llmlab.peft import (
-    PrefixConfig,
-    PromptConfig,
-    adapter_names,
-    apply_method,
-    apply_prefix,
-    apply_prompt,
-    delete_adapter,
-    disabled,
-    ensemble,
-    load_adapter,
-    save_adapter,
-    set_adapter,
-)
-from tests.peft.oracle import (
-    IDS,
-    fresh,
-    hf_generate,
-    lively,
-    llmlab_generate,
-    logits,
-    peft_logits,
-    peft_save,
-    randomize,
-    stepwise_greedy,
-)
+from llmlab.peft import (PrefixConfig, PromptConfig, adapter_names, apply_method, apply_prefix, apply_prompt,
+                         delete_adapter, disabled, ensemble, load_adapter, save_adapter, set_adapter)
+from tests.peft.oracle import (IDS, fresh, hf_generate, lively, llmlab_generate, logits, peft_logits, peft_save,
+                               randomize, stepwise_greedy)
 
 
 def test_soft_prompt_is_prepended_to_the_input():

@@ -5,17 +5,8 @@ from llmlab.errors import LlmlabError
 from llmlab.peft import PTuningConfig, apply_ptuning, delete_adapter, disabled, load_adapter, save_adapter
 from llmlab.peft.inputs import SoftPrompt
 from llmlab.peft.ptuning import PromptEncoder
-from tests.peft.oracle import (
-    IDS,
-    fresh,
-    lively,
-    llmlab_generate,
-    logits,
-    peft_logits,
-    peft_save,
-    randomize,
-    stepwise_greedy,
-)
+from tests.peft.oracle import (IDS, fresh, lively, llmlab_generate, logits, peft_logits, peft_save, randomize,
+                               stepwise_greedy)
 
 
 def test_mlp_encoder_makes_the_virtual_tokens():
