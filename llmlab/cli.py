@@ -17,7 +17,10 @@ import logging
 import os
 import sys
 
+from llmlab import config
+from llmlab.config import bool_keys, describe, type_names
 from llmlab.errors import LlmlabError, closest
+from llmlab.runs import RunOptions
 
 # verb -> (stage module, function, config class, positional fields, one-line help). The stages
 # (llmlab/stages/) are imported only here and only when their verb runs, so `llmlab --help` answers at once.
@@ -122,8 +125,6 @@ def _run(argv: list[str]) -> int:
     module_name, fn_name, cfg_name, positionals, _ = STAGES[verb]
     module = importlib.import_module(module_name)
     cfg_cls = getattr(module, cfg_name)
-    from llmlab import config
-    from llmlab.runs import RunOptions
 
     common, overrides, loose = _parse(rest, cfg_cls)
     if positionals == ["config"] and loose and "config" not in common:  # `llmlab data run pipeline.yaml`
@@ -166,8 +167,6 @@ def _split_verb(argv: list[str]):
 
 def _parse(tokens: list[str], cfg_cls):
     """Split the tokens after the verb into common options, `--key value` overrides and positionals."""
-    from llmlab.config import bool_keys
-
     flags = bool_keys(cfg_cls)
     common, overrides, loose = {}, {}, []
     i = 0
@@ -223,8 +222,6 @@ def _usage() -> str:
 
 
 def _verb_help(verb: str, cfg_cls, positionals: list[str]) -> str:
-    from llmlab.config import describe, type_names
-
     kinds = type_names(cfg_cls)
     rows = [(opt, kinds.get(opt, ""), default, help_) for opt, default, help_ in describe(cfg_cls)
             if opt[2:].replace("-", "_") not in [p.rstrip("*") for p in positionals]]

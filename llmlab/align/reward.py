@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from llmlab.config import field
+from llmlab.data.packing import to_device
 from llmlab.errors import LlmlabError
 
 
@@ -82,8 +83,7 @@ def pairwise_scores(model, pairs: list[dict], collate, batch_size: int = 8) -> d
     model.eval()
     margins = []
     for start in range(0, len(pairs), batch_size):
-        batch = {k: v.to(model.device) if torch.is_tensor(v) else v
-                 for k, v in collate(pairs[start:start + batch_size]).items()}
+        batch = to_device(collate(pairs[start:start + batch_size]), model.device)
         r = rewards(model, batch)
         half = len(r) // 2
         margins += (r[:half] - r[half:]).tolist()

@@ -10,23 +10,7 @@ a compressed model as it is; this package holds only the methods' math. Methods 
 when asked for: `llmlab.methods` names where each one lives.
 """
 
-def quantize_model(model, method: str, calib=None, **options):
-    """quantize_<method>(model, calib, Config(**options)) with the options checked; see quantize.py."""
-    from llmlab.compress.quantize import quantize_model as run
-
-    return run(model, method, calib, **options)
-
-
-def save_quantized(model, tokenizer, out):
-    from llmlab.models.packed.io import save_quantized as save
-
-    return save(model, tokenizer, out)
-
-
-def load_quantized(folder, dtype="fp32"):
-    from llmlab.models.packed.io import load_quantized as load
-
-    return load(folder, dtype)
-
+from llmlab.compress.quantize import quantize_model
+from llmlab.models.packed.io import load_quantized, save_quantized
 
 __all__ = ["quantize_model", "save_quantized", "load_quantized"]

@@ -48,6 +48,15 @@ def calibration_data(tokenizer, source: str, n_samples: int = 128, seq_len: int 
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
 
 
+def check_calibration_options(method: str, needs_calib: bool, calib: str | None, n_samples: int, seq_len: int):
+    """A verb's calibration options, checked before any model is loaded."""
+    if needs_calib and not calib:
+        raise LlmlabError(f"--method {method} needs calibration text: give --calib FILE "
+                          "(not the text you will evaluate on)")
+    if n_samples < 1 or seq_len < 2:
+        raise LlmlabError(f"--n-samples must be >= 1 and --seq-len >= 2, got {n_samples} and {seq_len}")
+
+
 def _is_path(source: str) -> bool:
     """A file name rather than the text itself: one short line naming a file (or looking like a path)."""
     if "\n" in source or len(source) > 1024:

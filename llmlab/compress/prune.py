@@ -23,7 +23,6 @@ from llmlab import methods
 from llmlab.compress.sparsity import check_model as check_masks
 from llmlab.config import build
 from llmlab.errors import LlmlabError
-from llmlab.models.surgery import count_parameters
 
 
 def prune_method(name: str):
@@ -50,7 +49,3 @@ def check_model(model, method_cfg) -> None:
     """The mask methods' checks (a quantized model, an M that does not divide a layer) before anything changes."""
     if hasattr(method_cfg, "spec") and hasattr(method_cfg, "skip"):
         check_masks(model, method_cfg.spec, method_cfg.skip)
-
-
-def n_params(model, nonzero: bool = False) -> int:
-    return count_parameters(model, nonzero)

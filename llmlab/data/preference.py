@@ -128,10 +128,11 @@ def _hh_pair(chosen: str, rejected: str, where: str) -> Pair:
 def encode_side(pair: Pair, reply: str, tokenizer, template: str) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of the prompt followed by `reply`: labels on the reply's tokens only."""
     ids, labels = encode_chat([*pair.prompt, {"role": "assistant", "content": reply}], tokenizer, template)
-    prompt_len = len(encode_chat(pair.prompt, tokenizer, template)[0]) if pair.prompt else 0
-    if any(label != IGNORE for label in labels[:prompt_len]):  # earlier assistant turns are context, not targets
-        labels = [IGNORE] * prompt_len + labels[prompt_len:]
-    return ids, labels
+    # encode_chat labels every assistant turn; earlier ones are context here. The reply is the last run of labels.
+    start = max((i for i, label in enumerate(labels) if label != IGNORE), default=-1) + 1
+    while start > 0 and labels[start - 1] != IGNORE:
+        start -= 1
+    return ids, [IGNORE] * start + labels[start:]
 
 
 def load_pairs(data: str, tokenizer, *, template: str = "auto", max_len: int = 1024,

@@ -177,11 +177,11 @@ def cache_key(model, kwargs: dict) -> str:
     """The keyword the KV cache travels by: the one the caller passed (transformers' generate and llmlab's
     decoder say `cache` from transformers 5.25 on and ignore `past_key_values` beside it), else the one
     the model's forward takes."""
-    if kwargs.get("cache") is not None or "past_key_values" not in kwargs and "cache" in kwargs:
+    if kwargs.get("cache") is not None:
         return "cache"
     if "past_key_values" in kwargs:
         return "past_key_values"
-    return cache_argument(type(model))
+    return "cache" if "cache" in kwargs else cache_argument(type(model))
 
 
 def derived(adapter: nn.Module) -> torch.Tensor:

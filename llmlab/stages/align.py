@@ -23,6 +23,7 @@ import torch
 from llmlab import methods
 from llmlab.atomic import atomic_write
 from llmlab.config import build, field
+from llmlab.data.packing import to_device
 from llmlab.data.preference import collate_pairs, load_pairs
 from llmlab.errors import LlmlabError
 from llmlab.models import save_model
@@ -169,8 +170,7 @@ def _attach_reference(model, pairs: list[dict], collate, batch_size: int):
     model.eval()
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        logps = sequence_logps(model, {k: v.to(model.device) if torch.is_tensor(v) else v
-                                       for k, v in collate(chunk).items()})[0].tolist()
+        logps = sequence_logps(model, to_device(collate(chunk), model.device))[0].tolist()
         for i, pair in enumerate(chunk):
             pair["ref_logps"] = (logps[i], logps[len(chunk) + i])
     model.train(was_training)
@@ -184,7 +184,7 @@ def preference_scores(model, pairs: list[dict], collate, batch_size: int, beta: 
     wins, margins = 0, []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in collate(chunk).items()}
+        batch = to_device(collate(chunk), model.device)
         logps, counts = sequence_logps(model, batch)
         if "ref_logps" in batch or reference:
             ref = batch["ref_logps"].to(logps) if "ref_logps" in batch else _reference_with_adapters_off(model, batch)

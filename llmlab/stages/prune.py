@@ -10,11 +10,11 @@ import time
 from typing import Any
 
 from llmlab import methods
-from llmlab.compress.calibrate import calibration_data
-from llmlab.compress.prune import check_model, n_params, prune_method
+from llmlab.compress.calibrate import calibration_data, check_calibration_options
+from llmlab.compress.prune import check_model, prune_method
+from llmlab.models.surgery import count_parameters
 from llmlab.compress.sparsity import sparsity_report
 from llmlab.config import field
-from llmlab.errors import LlmlabError
 from llmlab.models import save_model
 from llmlab.models.load import ModelOptions
 from llmlab.runs import RunOptions, start_run
@@ -44,11 +44,7 @@ class PruneConfig(ModelOptions):
 
     def __post_init__(self):
         _, _, needs_calib = prune_method(self.method)
-        if needs_calib and not self.calib:
-            raise LlmlabError(f"--method {self.method} needs calibration text: give --calib FILE "
-                              "(not the text you will evaluate on)")
-        if self.n_samples < 1 or self.seq_len < 2:
-            raise LlmlabError(f"--n-samples must be >= 1 and --seq-len >= 2, got {self.n_samples} and {self.seq_len}")
+        check_calibration_options(self.method, needs_calib, self.calib, self.n_samples, self.seq_len)
         self.method_config()  # fail on a bad option before loading anything
 
     def method_config(self):
@@ -67,7 +63,7 @@ def prune_verb(cfg: PruneConfig, opts: RunOptions) -> dict:
              if needs_calib else None)
     if cfg.calib and not needs_calib:
         log.info("--method %s needs no calibration data: --calib is not used", cfg.method)
-    dense_params = n_params(model)
+    dense_params = count_parameters(model)
     with start_run("prune", cfg, opts) as run:
         with memory_stats(next(model.parameters()).device) as memory:
             start = time.perf_counter()
@@ -79,7 +75,7 @@ def prune_verb(cfg: PruneConfig, opts: RunOptions) -> dict:
                   "sparsity": round(achieved["overall"], 6), "sparsity_min": round(achieved["min"], 6),
                   "sparsity_max": round(achieved["max"], 6), "zero_weights": achieved["zero_weights"],
                   "pruned_layer_weights": achieved["pruned_layer_weights"], "dense_params": dense_params,
-                  "params": n_params(model), "nonzero_params": n_params(model, nonzero=True),
+                  "params": count_parameters(model), "nonzero_params": count_parameters(model, nonzero=True),
                   "seconds": round(seconds, 2), **memory, "saved": str(saved),
                   "per_layer_sparsity": {k: round(v, 6) for k, v in achieved["per_layer"].items()}}
         run.log_metrics(**{k: v for k, v in result.items() if k != "per_layer_sparsity"})

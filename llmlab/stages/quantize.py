@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from llmlab import methods
-from llmlab.compress.calibrate import calibration_data
+from llmlab.compress.calibrate import calibration_data, check_calibration_options
 from llmlab.compress.lowrank import add_lorc
 from llmlab.compress.quantize import COMMON, check_model, folder_bytes, get_method, grid_options, state_bytes
 from llmlab.config import field
@@ -49,12 +49,8 @@ class QuantizeConfig(ModelOptions):
                 + methods.options_help("quantize"))
 
     def __post_init__(self):
-        cfg_cls, _, needs_calib = get_method(self.method)
-        if needs_calib and not self.calib:
-            raise LlmlabError(f"--method {self.method} needs calibration text: give --calib FILE "
-                              "(not the text you will evaluate on)")
-        if self.n_samples < 1 or self.seq_len < 2:
-            raise LlmlabError(f"--n-samples must be >= 1 and --seq-len >= 2, got {self.n_samples} and {self.seq_len}")
+        _, _, needs_calib = get_method(self.method)
+        check_calibration_options(self.method, needs_calib, self.calib, self.n_samples, self.seq_len)
         if self.lorc_rank is not None and self.lorc_rank < 1:
             raise LlmlabError(f"--lorc-rank must be at least 1, got {self.lorc_rank}")
         self.method_config()  # fail on a bad option before loading anything

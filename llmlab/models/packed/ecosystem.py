@@ -53,15 +53,13 @@ def from_stream_int32(words: Tensor, n_bytes: int) -> Tensor:
 
 def layer_tensors(layer: QuantLinear, dtype: torch.dtype) -> dict[str, Tensor]:
     """One layer's compressed-tensors tensors (without the module prefix)."""
-    bits, half = layer.spec.bits, 2 ** (layer.spec.bits - 1)
+    bits = layer.spec.bits
     out = {"weight_packed": to_stream_int32(layer.qweight.cpu()),
            "weight_scale": layer.scales.to(dtype).cpu(),
            "weight_shape": torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64)}
-    if not symmetric(layer):
+    if not symmetric(layer):  # a symmetric grid's Z is 2^(bits-1): compressed-tensors stores none
         zeros = layer.zeros.cpu()  # (out, G): pack each column's out values
         out["weight_zero_point"] = to_stream_int32(pack(zeros.T, bits)).T.contiguous()
-    elif not bool((layer.zeros == half).all()):
-        raise ValueError("a symmetric grid must have Z = 2^(bits-1)")
     if layer.bias is not None:
         out["bias"] = layer.bias.detach().to(dtype).cpu()
     return out

@@ -66,7 +66,8 @@ def save_quantized(model, tokenizer, out: str | Path, method: str | None = None)
         marker["lowrank"] = getattr(model, "llmlab_lowrank", {}).get("method")
     tensors = _unique_tensors(model.state_dict())
     config = model.config.to_dict()
-    if ecosystem.compressible(layers):
+    compressed = ecosystem.compressible(layers)
+    if compressed:
         marker["tensors"] = "compressed-tensors"
         tensors = _compressed_tensors(tensors, layers, model.get_input_embeddings().weight.dtype)
         config["quantization_config"] = ecosystem.quantization_config(layers)
@@ -77,7 +78,7 @@ def save_quantized(model, tokenizer, out: str | Path, method: str | None = None)
                                "AutoModelForCausalLM": f"{ecosystem.REMOTE_MODULE}.LlmlabPackedForCausalLM"}}
     with atomic_dir(out) as tmp:
         atomic_write_json(tmp / "config.json", config)
-        if not ecosystem.compressible(layers) and layers:
+        if layers and not compressed:
             (tmp / f"{ecosystem.REMOTE_MODULE}.py").write_text(ecosystem.REMOTE_CODE, encoding="utf-8")
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)

@@ -128,7 +128,8 @@ class QuantLinear(QuantizedLinear):
         spec = self.spec
         if spec.bits == 8 and spec.symmetric and spec.group_size in (0, -1):
             return "int8"
-        if spec.bits == 4 and self.out_features % 16 == 0 and _int4_group(self.in_features, spec.group_for(self.in_features)):
+        group = spec.group_for(self.in_features)
+        if spec.bits == 4 and self.out_features % 16 == 0 and _int4_group(self.in_features, group):
             return "int4"
         return None
 
