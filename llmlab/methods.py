@@ -15,7 +15,9 @@ What a family's function is called with:
     prune      prune_<m>(model, calib, cfg) -> model          (entry.extra["sparsity_key"]: what --sparsity sets)
     decompose  decompose(model, calib, cfg) -> model
     distill    make_<m>_loss(teacher, tokenizer, cfg) -> loss_fn(model, batch)
-    align      <m>_loss(cfg, reference, name) -> loss_fn(model, batch)   (extra["reference"]: needs π_ref)
+    align      <m>_loss(cfg, reference, name) -> loss_fn(model, batch)   (extra["reference"]: needs π_ref;
+               extra["unpaired"]: reads thumbs-up/down rows); online methods (extra["online"]):
+               train_<m>(cfg, align.online.Online) -> summary numbers
     data       a pipeline Step class (config: its Config)
 """
 
@@ -121,8 +123,19 @@ TABLE: dict[str, dict[str, Entry]] = {
                   extra={"reference": True}),
         "simpo": _e("align.simpo", "SimPOConfig", "simpo_loss", "SimPO: length-normalised, no reference"),
         "orpo": _e("align.orpo", "ORPOConfig", "orpo_loss", "ORPO: SFT plus an odds ratio, no reference"),
+        "kto": _e("align.kto", "KTOConfig", "kto_loss", "KTO: unpaired thumbs-up/down against a KL reference point",
+                  extra={"reference": True, "unpaired": True}),
         "reward": _e("align.reward", "RewardConfig", "reward_loss", "a reward model: Bradley–Terry on a scalar head",
                      extra={"reward_model": True}),
+        "ppo": _e("align.ppo", "PPOConfig", "train_ppo", "PPO-RLHF: sampled replies, a value head, GAE, KL penalty",
+                  extra={"online": True, "reference": True}),
+        "grpo": _e("align.grpo", "GRPOConfig", "train_grpo", "GRPO: group-normalised rewards, no value model",
+                   extra={"online": True, "reference": True}),
+        "raft": _e("align.rejection", "RAFTConfig", "train_raft", "RAFT: fine-tune on the best of n samples, in rounds",
+                   extra={"online": True}),
+        "best-of-n": _e("align.rejection", "BestOfNConfig", "best_of_n",
+                        "best-of-n sampling: the reward's pick of n replies (no training)",
+                        extra={"online": True, "sampling_only": True}),
     },
     "data": {
         "language": _e("data.steps.language", "LanguageConfig", "Language", "language identification and filter"),

@@ -182,3 +182,109 @@ def collate_pairs(pairs: list[dict], pad_id: int) -> dict:
     if "ref_logps" in pairs[0]:
         batch["ref_logps"] = torch.tensor([p["ref_logps"][0] for p in pairs] + [p["ref_logps"][1] for p in pairs])
     return batch
+
+
+# ---- unpaired completions (KTO): {prompt, completion, label} rows, or pairs split in two ----
+
+def load_unpaired(data: str, tokenizer, *, template: str = "auto", max_len: int = 1024,
+                  limit: int | None = None) -> tuple[list[dict], dict]:
+    """Tokenized completions {ids, labels, kl_ids, kl_labels, desirable} and counts.
+
+    Rows are TRL's unpaired format, {"prompt": str | [messages], "completion": str | [messages], "label": bool}
+    (thumbs up or down), or preference pairs in any format above, each giving one desirable and one undesirable
+    completion. The KL side of completion i is its prompt followed by completion i+1's reply: a mismatched pair,
+    on which KTO estimates its reference point KL(π‖π_ref)."""
+    rows = read_rows(data)
+    if not rows:
+        raise LlmlabError(f"{data} holds no rows")
+    rows = rows[:limit] if limit else rows
+    tpl = chat_template(tokenizer, template)
+    if "completion" in rows[0] or "label" in rows[0]:
+        items = [_unpaired(row, f"{data} row {n}") for n, row in enumerate(rows, 1)]
+        fmt = "unpaired"
+    else:
+        fmt = detect_format(rows[0], f"{data} row 1")
+        items = []
+        for n, row in enumerate(rows, 1):
+            if isinstance(row.get("chosen"), str) and row.get("chosen") == row.get("rejected"):
+                continue
+            pair = to_pair(row, fmt, f"{data} row {n}")
+            items += [(pair.prompt, pair.chosen, True), (pair.prompt, pair.rejected, False)]
+    labels = {label for _, _, label in items}
+    if len(labels) < 2:
+        kind = "desirable" if True in labels else "undesirable"
+        raise LlmlabError(f"{data}: every completion is {kind}; KTO needs both thumbs-up and thumbs-down rows")
+    out, too_long = [], 0
+    for i, (prompt, reply, desirable) in enumerate(items):
+        ids, lab = encode_side(Pair(prompt, "", ""), reply, tokenizer, tpl)
+        kl_ids, kl_lab = encode_side(Pair(prompt, "", ""), items[(i + 1) % len(items)][1], tokenizer, tpl)
+        if max(len(ids), len(kl_ids)) > max_len:
+            too_long += 1
+            continue
+        out.append({"ids": ids, "labels": lab, "kl_ids": kl_ids, "kl_labels": kl_lab, "desirable": desirable})
+    if not out:
+        raise LlmlabError(f"no completions left in {data}: all {len(items)} are longer than --max-len {max_len}")
+    return out, {"rows": len(rows), "completions": len(out), "too_long": too_long, "format": fmt,
+                 "desirable": sum(x["desirable"] for x in out)}
+
+
+def _unpaired(row: dict, where: str) -> tuple[list[dict], str, bool]:
+    for key in ("prompt", "completion", "label"):
+        if key not in row:
+            raise LlmlabError(f"{where}: missing field '{key}' (unpaired rows are prompt, completion, label)")
+    label = row["label"]
+    if isinstance(label, str) and label.lower() in ("true", "false"):
+        label = label.lower() == "true"
+    if label not in (True, False, 0, 1):
+        raise LlmlabError(f"{where}: field 'label' must be true (desirable) or false, got {label!r}")
+    prompt = row["prompt"]
+    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    return prompt, _last(row["completion"], "completion", where), bool(label)
+
+
+def collate_unpaired(items: list[dict], pad_id: int) -> dict:
+    """One batch of 2B right-padded rows: the B completions, then their B mismatched KL sides."""
+    sides = [{"chosen_ids": x["ids"], "chosen_labels": x["labels"], "rejected_ids": x["kl_ids"],
+              "rejected_labels": x["kl_labels"], **({"ref_logps": x["ref_logps"]} if "ref_logps" in x else {})}
+             for x in items]
+    batch = collate_pairs(sides, pad_id)
+    batch["desirable"] = torch.tensor([x["desirable"] for x in items])
+    return batch
+
+
+# ---- prompts only (PPO, GRPO, rejection sampling) ----
+
+def load_prompts(data: str, *, limit: int | None = None) -> list[dict]:
+    """{"messages": the conversation to answer, "answer": the exact answer or None} per row.
+
+    Rows: {"prompt": str | [messages], "answer"?}, alpaca {"instruction", "input"?, "output"?} (as
+    `llmlab data tasks` writes them: the output is the exact answer a verifiable reward checks), or preference
+    pairs in any format above (their prompt)."""
+    rows = read_rows(data)
+    if not rows:
+        raise LlmlabError(f"{data} holds no rows")
+    rows = rows[:limit] if limit else rows
+    out = []
+    for n, row in enumerate(rows, 1):
+        where = f"{data} row {n}"
+        row = {k: v for k, v in row.items() if v is not None}  # a table's missing cells read as None
+        if "instruction" in row:
+            text = "\n\n".join(str(row[k]) for k in ("instruction", "input") if str(row.get(k) or "").strip())
+            out.append({"messages": [{"role": "user", "content": text}], "answer": _answer(row.get("output"))})
+        elif "chosen" in row or "conversations" in row:
+            pair = to_pair(row, detect_format(row, where), where)
+            out.append({"messages": pair.prompt, "answer": None})
+        elif "prompt" in row:
+            prompt = row["prompt"]
+            if isinstance(prompt, str) and not prompt.strip():
+                raise LlmlabError(f"{where}: field 'prompt' is empty")
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            out.append({"messages": messages, "answer": _answer(row.get("answer", row.get("output")))})
+        else:
+            raise LlmlabError(f"{where}: no prompt: expected a 'prompt', an alpaca 'instruction' or a preference pair "
+                              f"(fields: {', '.join(row) or 'none'})")
+    return out
+
+
+def _answer(value) -> str | None:
+    return None if value is None or str(value).strip() == "" else str(value)

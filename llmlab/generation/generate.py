@@ -136,8 +136,9 @@ def pad_id(model, tokenizer) -> int:
 
 @torch.inference_mode()
 def decode(model, prompts: list[list[int]], cfg: SamplingConfig, eos: list[int], pad: int,
-           trackers: list["TextTracker"] | None = None) -> list[list[int]]:
-    """New token ids for each prompt, EOS excluded; `trackers` see each token and may stop their row."""
+           trackers: list["TextTracker"] | None = None, keep_eos: bool = False) -> list[list[int]]:
+    """New token ids for each prompt, EOS excluded (kept with `keep_eos`: RL scores the step that ended the
+    reply); `trackers` see each token and may stop their row."""
     device = model.device
     ids, mask = _left_pad(prompts, pad, device)  # (B, T)
     (B, T), n_max = ids.shape, room(model, ids.shape[1], cfg.max_new_tokens)
@@ -168,7 +169,7 @@ def decode(model, prompts: list[list[int]], cfg: SamplingConfig, eos: list[int],
         positions = positions[:, -1:] + 1
         step_mask = full_mask[:, :T + step + 1] if padded else None
         logits, cache = forward_step(model, token[:, None], step_mask, positions, cache)
-    return [_cut(row, eos, stop) for row, stop in zip(out[:, :step + 1].tolist(), stop_at)]
+    return [_cut(row, eos, stop, keep_eos) for row, stop in zip(out[:, :step + 1].tolist(), stop_at)]
 
 
 def _left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,10 +202,10 @@ def _watch(trackers, tokens: list[int], done: torch.Tensor, stop_at: list[int], 
             stop_at[row] = step + 1
 
 
-def _cut(row: list[int], eos: list[int], stop: int) -> list[int]:
+def _cut(row: list[int], eos: list[int], stop: int, keep_eos: bool = False) -> list[int]:
     row = row[:stop]
     ends = [row.index(e) for e in eos if e in row]
-    return row[:min(ends)] if ends else row
+    return row[:min(ends) + keep_eos] if ends else row
 
 
 # ---- text: incremental decoding and stop strings ----

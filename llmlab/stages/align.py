@@ -1,9 +1,13 @@
-"""`llmlab align`: preference alignment with DPO and its family, on the one training loop.
+"""`llmlab align`: preference alignment with DPO and its family, KTO, reward models, and the online methods
+(PPO, GRPO, RAFT, best-of-n), on the one training loop.
 
     llmlab align --data pairs.json --method dpo --options.beta 0.1 --out runs/dpo        # LoRA on the policy
     llmlab align --data pairs.jsonl --method simpo --tuning full --train.lr 1e-6          # every weight
+    llmlab align --data thumbs.jsonl --method kto                                         # unpaired rows
     llmlab align --data pairs.jsonl --method reward --out runs/rm                          # a reward model
     llmlab eval reward --model runs/rm --data heldout.jsonl
+    llmlab align --data tasks.jsonl --method grpo --reward exact                          # verifiable reward
+    llmlab align --data prompts.jsonl --method ppo --reward runs/rm                        # RLHF
 
 The reference model of DPO-style methods is the policy with its adapters disabled (one model in memory);
 with `--tuning full` (or freeze) the reference log-probs are computed once before training, from the
@@ -21,14 +25,16 @@ from typing import Any
 import torch
 
 from llmlab import methods
+from llmlab.align.online import Online, encode_prompts, make_reward, reference_policy
+from llmlab.align.reward import load_reward_model, pairwise_scores, reward_model
 from llmlab.atomic import atomic_write
 from llmlab.config import build, field
 from llmlab.data.packing import to_device
-from llmlab.data.preference import collate_pairs, load_pairs
+from llmlab.data.preference import collate_pairs, collate_unpaired, load_pairs, load_prompts, load_unpaired
 from llmlab.errors import LlmlabError
+from llmlab.generation.generate import SamplingConfig
 from llmlab.models import save_model
 from llmlab.models.load import ModelOptions
-from llmlab.align.reward import load_reward_model, pairwise_scores, reward_model
 from llmlab.peft import apply_method, disabled, merge_and_unload, print_trainable_parameters, save_adapter
 from llmlab.runs import RunOptions, start_run
 from llmlab.train import TrainConfig, fit, seed_everything
@@ -40,12 +46,19 @@ log = logging.getLogger("llmlab")
 @dataclasses.dataclass
 class AlignTrainConfig(TrainConfig):
     lr: float = field(5e-5, help="peak learning rate (DPO with LoRA; full tuning wants ~1e-6)")
-    batch_size: int = field(4, help="preference pairs per micro-batch")
+    batch_size: int = field(4, help="preference pairs (online methods: prompts) per micro-batch")
+
+
+@dataclasses.dataclass
+class RolloutConfig(SamplingConfig):
+    max_new_tokens: int = field(64, help="the most tokens per sampled reply")
+    temperature: float = field(1.0, help="sampling temperature of the rollouts (on-policy: 1.0)")
 
 
 @dataclasses.dataclass
 class AlignConfig(ModelOptions):
-    data: str = field("", help="preference pairs: .json/.jsonl/.csv/.parquet (hh-rlhf, sharegpt, messages, plain)")
+    data: str = field("", help="preference pairs (hh-rlhf, sharegpt, messages, plain), unpaired rows (kto) or "
+                               "prompts (ppo, grpo, raft, best-of-n): .json/.jsonl/.csv/.parquet")
     method: str = field("dpo", help=", ".join(methods.names("align")))
     options: dict[str, Any] = field({}, help="the method's options, e.g. --options.beta 0.1")
     tuning: str = field("lora", help="what trains: a fine-tuning method (lora, dora, ia3, …) or full")
@@ -54,6 +67,8 @@ class AlignConfig(ModelOptions):
     max_len: int = field(512, help="tokens per side (prompt + reply); longer pairs are left out and counted")
     limit: int | None = field(None, help="use only the first N pairs of --data")
     eval_fraction: float = field(0.1, help="hold out this fraction of the pairs to measure preference accuracy")
+    reward: str = field("", help="online methods: exact (rows' answers) or a reward model folder")
+    sampling: RolloutConfig = field(default_factory=RolloutConfig, help="online methods: how replies are sampled")
     train: AlignTrainConfig = field(default_factory=AlignTrainConfig, help="the training loop")
     save: bool = field(True, help="save the adapter (or the model, with --tuning full) in the run folder")
 
@@ -78,15 +93,19 @@ def align_verb(cfg: AlignConfig, opts: RunOptions) -> dict:
     cfg_cls, make_loss, entry = methods.load("align", cfg.method)
     method_cfg = build(cfg_cls, cfg.options, "options")
     model, tokenizer = cfg.load_model()
-    pairs, stats = load_pairs(cfg.data, tokenizer, template=cfg.template, max_len=cfg.max_len, limit=cfg.limit)
+    if entry.extra.get("online"):
+        return _align_online(cfg, opts, method_cfg, make_loss, entry, model, tokenizer)
+    unpaired = bool(entry.extra.get("unpaired"))
+    load = load_unpaired if unpaired else load_pairs
+    pairs, stats = load(cfg.data, tokenizer, template=cfg.template, max_len=cfg.max_len, limit=cfg.limit)
     if stats["too_long"]:
-        log.warning("%d of %d pairs are longer than --max-len %d and were left out", stats["too_long"],
-                    stats["rows"], cfg.max_len)
+        log.warning("%d of %d %s are longer than --max-len %d and were left out", stats["too_long"], stats["rows"],
+                    "completions" if unpaired else "pairs", cfg.max_len)
     n_eval = round(cfg.eval_fraction * len(pairs))
     train, held = pairs[n_eval:], pairs[:n_eval]
     if not train:
         raise LlmlabError(f"--eval-fraction {cfg.eval_fraction} leaves no training pairs of {len(pairs)}")
-    collate = functools.partial(collate_pairs, pad_id=tokenizer.pad_token_id)
+    collate = functools.partial(collate_unpaired if unpaired else collate_pairs, pad_id=tokenizer.pad_token_id)
     whole = bool(methods.entry("finetune", cfg.tuning).extra.get("whole_model"))
     needs_reference = bool(entry.extra.get("reference"))
     is_reward = bool(entry.extra.get("reward_model"))
@@ -105,6 +124,8 @@ def align_verb(cfg: AlignConfig, opts: RunOptions) -> dict:
         result = fit(model, loss_fn, train, cfg.train, collate=collate, run=run)
         if is_reward:
             scores = _reward_scores(pairwise_scores(model, held, collate, cfg.train.batch_size)) if held else {}
+        elif unpaired:
+            scores = kto_scores(model, held, collate, cfg.train.batch_size, method_cfg.beta, not whole) if held else {}
         else:
             scores = preference_scores(model, held, collate, cfg.train.batch_size, getattr(method_cfg, "beta", 1.0),
                                        needs_reference and not whole) if held else {}
@@ -115,13 +136,58 @@ def align_verb(cfg: AlignConfig, opts: RunOptions) -> dict:
             saved = save_model(model, tokenizer, run.path / "model") if whole else run.path / "adapter"
             if not whole:
                 save_adapter(model, saved)
+        noun = "completions" if unpaired else "pairs"
         summary = run.finish({"model": cfg.model, "method": cfg.method, "tuning": cfg.tuning, **stats,
-                              "train_pairs": len(train), "eval_pairs": len(held), **result, **scores,
+                              f"train_{noun}": len(train), f"eval_{noun}": len(held), **result, **scores,
                               "saved": str(saved) if saved else None})
     shown = (f", held-out preference accuracy {scores['pref_accuracy']:.1%} (margin {scores['reward_margin']:.3f})"
              if scores else "")
-    print(f"aligned {cfg.model} with {cfg.method} ({cfg.tuning}) on {len(train)} pairs for {result['steps']} steps, "
+    print(f"aligned {cfg.model} with {cfg.method} ({cfg.tuning}) on {len(train)} {noun} for {result['steps']} steps, "
           f"loss {result['train_loss']:.4f}{shown} -> {saved or run.path}")
+    return summary
+
+
+def _align_online(cfg: AlignConfig, opts: RunOptions, method_cfg, train_fn, entry, model, tokenizer) -> dict:
+    """PPO, GRPO, RAFT and best-of-n: prompts in, sampled replies scored by --reward."""
+    items = load_prompts(cfg.data, limit=cfg.limit)
+    items = encode_prompts(items, tokenizer)
+    kept = [item for item in items if len(item["ids"]) <= cfg.max_len]
+    if len(kept) < len(items):
+        log.warning("%d of %d prompts are longer than --max-len %d and were left out", len(items) - len(kept),
+                    len(items), cfg.max_len)
+    if not kept:
+        raise LlmlabError(f"no prompts left in {cfg.data}: all {len(items)} are longer than --max-len {cfg.max_len}")
+    sampling_only = bool(entry.extra.get("sampling_only"))
+    n_eval = 0 if sampling_only else round(cfg.eval_fraction * len(kept))
+    train, held = kept[n_eval:], kept[:n_eval]
+    if not train:
+        raise LlmlabError(f"--eval-fraction {cfg.eval_fraction} leaves no training prompts of {len(kept)}")
+    reward = make_reward(cfg.reward, kept, tokenizer, model.device)
+    whole = bool(methods.entry("finetune", cfg.tuning).extra.get("whole_model"))
+    with start_run("align", cfg, opts) as run:
+        seed_everything(cfg.train.seed)
+        if not sampling_only:
+            model = apply_method(model, cfg.tuning, cfg.adapter, tokenizer=tokenizer)
+            print_trainable_parameters(model)
+        reference = reference_policy(model, whole) if entry.extra.get("reference") and not sampling_only else None
+        ctx = Online(model, tokenizer, train, held, reward, reference, cfg.sampling, cfg.train, run, whole)
+        result = train_fn(method_cfg, ctx)
+        saved = None
+        if cfg.save and not sampling_only:
+            saved = save_model(model, tokenizer, run.path / "model") if whole else run.path / "adapter"
+            if not whole:
+                save_adapter(model, saved)
+        summary = run.finish({"model": cfg.model, "method": cfg.method, "tuning": cfg.tuning, "reward": cfg.reward,
+                              "prompts": len(items), "too_long": len(items) - len(kept), "train_prompts": len(train),
+                              "eval_prompts": len(held), **result, "saved": str(saved) if saved else None})
+    if sampling_only:
+        print(f"best-of-{result['n']} on {result['prompts']} prompts: mean reward {result['reward_one_sample']:.3f} "
+              f"for one sample, {result['reward_best_of_n']:.3f} for the best -> {run.path / 'best_of_n.jsonl'}")
+    else:
+        shown = (f", held-out reward {result['heldout_before']:.3f} -> {result['heldout_after']:.3f}"
+                 if "heldout_before" in result else "")
+        print(f"aligned {cfg.model} with {cfg.method} ({cfg.tuning}) on {len(train)} prompts for {result['steps']} "
+              f"steps{shown} -> {saved or run.path}")
     return summary
 
 
@@ -174,6 +240,28 @@ def _attach_reference(model, pairs: list[dict], collate, batch_size: int):
         for i, pair in enumerate(chunk):
             pair["ref_logps"] = (logps[i], logps[len(chunk) + i])
     model.train(was_training)
+
+
+@torch.no_grad()
+def kto_scores(model, items: list[dict], collate, batch_size: int, beta: float, adapters: bool) -> dict:
+    """How often a held-out completion's implicit reward β·r falls on its label's side of the reference point
+    β·z (z: the KL estimate on the mismatched sides), and the mean reward gap of desirable over undesirable."""
+    model.eval()
+    rewards, labels, kls = [], [], []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        batch = to_device(collate(chunk), model.device)
+        logps = sequence_logps(model, batch)[0]
+        ref = batch["ref_logps"].to(logps) if "ref_logps" in batch else _reference_with_adapters_off(model, batch)
+        r = beta * (logps - ref)
+        rewards += r[:len(chunk)].tolist()
+        kls += r[len(chunk):].tolist()
+        labels += batch["desirable"].tolist()
+    z = max(0.0, sum(kls) / len(kls))
+    right = sum((r > z) == d for r, d in zip(rewards, labels))
+    good = [r for r, d in zip(rewards, labels) if d] or [0.0]
+    bad = [r for r, d in zip(rewards, labels) if not d] or [0.0]
+    return {"pref_accuracy": right / len(items), "reward_margin": sum(good) / len(good) - sum(bad) / len(bad)}
 
 
 @torch.no_grad()

@@ -187,3 +187,36 @@ class PreferenceLoss:
                                  counts[:half], counts[half:], beta=self.beta, label_smoothing=self.label_smoothing,
                                  gamma=self.gamma)
         return losses.sum(), half
+
+
+def kto_loss(logps, ref_logps, kl_logps, ref_kl_logps, desirable, *, beta: float = 0.1,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> torch.Tensor:
+    """Per-completion KTO loss (B,) (Ethayarajh et al. 2024, eq. 7), from unpaired completions labelled desirable
+    or not. With r = log π(y|x) − log π_ref(y|x) and the reference point z = max(0, KL̂(π‖π_ref)), estimated on
+    mismatched (x, y') pairs of the batch and not differentiated through:
+
+        desirable    λ_D (1 − σ(β (r − z)))
+        undesirable  λ_U (1 − σ(β (z − r)))
+    """
+    z = (kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+    r = logps - ref_logps
+    return torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (r - z))),
+                       undesirable_weight * (1 - torch.sigmoid(beta * (z - r))))
+
+
+class KTOLoss:
+    """`loss_fn(model, batch)` on batches of `data.preference.collate_unpaired` (B completions, then the B
+    mismatched ones for the KL estimate): the summed KTO loss and B."""
+
+    def __init__(self, beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0, reference=None):
+        self.beta, self.weights, self.reference = beta, (desirable_weight, undesirable_weight), reference
+
+    needs_reference = True
+
+    def __call__(self, model, batch: dict):
+        logps, _ = sequence_logps(model, batch)  # one forward for both halves; kto_loss detaches the KL half
+        half = len(logps) // 2
+        ref = batch["ref_logps"].to(logps) if "ref_logps" in batch else self.reference(model, batch)
+        losses = kto_loss(logps[:half], ref[:half], logps[half:], ref[half:], batch["desirable"], beta=self.beta,
+                          desirable_weight=self.weights[0], undesirable_weight=self.weights[1])
+        return losses.sum(), half
