@@ -4,6 +4,8 @@ policy, held-out evaluation, and the glue that runs a method's loss on the one t
 A reward is `reward(items, replies) -> (R,) tensor`, for prompt items of `data.preference.load_prompts`:
     exact         1 when the reply equals the row's answer (`llmlab eval em`'s normalisation), else 0:
                   a verifiable reward, for `llmlab data tasks` rows (GRPO's setting in DeepSeekMath)
+    contains      exact, with ½ for a reply that states the answer among other words: partial credit for
+                  a small model whose sampled replies are rarely the bare answer, so groups are not all 0
     FOLDER        a reward model (`llmlab align --method reward`), scoring the prompt and reply as rendered
                   by its chat template
 Any Python callable with that signature works from the API.
@@ -19,7 +21,7 @@ from llmlab.align.reward import load_reward_model, rewards
 from llmlab.data.preference import Pair, encode_side
 from llmlab.data.sft import chat_template
 from llmlab.errors import LlmlabError
-from llmlab.evaluate.exact_match import is_correct
+from llmlab.evaluate.exact_match import contains, is_correct
 from llmlab.generation.generate import SamplingConfig, encode, generate_batch
 from llmlab.peft import disabled
 from llmlab.train import TrainConfig, fit
@@ -36,6 +38,14 @@ def encode_prompts(items: list[dict], tokenizer) -> list[dict]:
 
 def exact_reward(items: list[dict], replies: list[str]) -> torch.Tensor:
     return torch.tensor([float(is_correct(reply, item["answer"])) for item, reply in zip(items, replies)])
+
+
+def contains_reward(items: list[dict], replies: list[str]) -> torch.Tensor:
+    return torch.tensor([1.0 if is_correct(reply, item["answer"]) else 0.5 if contains(reply, item["answer"]) else 0.0
+                         for item, reply in zip(items, replies)])
+
+
+VERIFIABLE = {"exact": exact_reward, "contains": contains_reward}
 
 
 class ModelReward:
@@ -69,14 +79,14 @@ class ModelReward:
 
 
 def make_reward(spec: str, items: list[dict], tokenizer, device):
-    if spec == "exact":
+    if spec in VERIFIABLE:
         missing = next((i for i, item in enumerate(items, 1) if item["answer"] is None), None)
         if missing is not None:
-            raise LlmlabError(f"--reward exact needs an answer in every row ('output' or 'answer'); prompt {missing} "
+            raise LlmlabError(f"--reward {spec} needs an answer in every row ('output' or 'answer'); prompt {missing} "
                               "has none (use a reward model: --reward FOLDER)")
-        return exact_reward
+        return VERIFIABLE[spec]
     if not spec:
-        raise LlmlabError("this method needs a reward: --reward exact (rows with answers) or --reward FOLDER "
+        raise LlmlabError("this method needs a reward: --reward exact|contains (rows with answers) or --reward FOLDER "
                           "(a reward model from `llmlab align --method reward`)")
     return ModelReward(spec, tokenizer, device)
 
@@ -125,7 +135,8 @@ class Online:
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict:
-        """The held-out prompts' mean reward of greedy replies (for `exact`: the accuracy)."""
+        """The held-out prompts' mean reward of greedy replies, and their exact-match accuracy where rows have
+        answers."""
         if not self.held:
             return {}
         was_training = self.model.training
@@ -138,6 +149,8 @@ class Online:
         scores = self.reward(self.held, texts).float()
         lengths = [len(self.tokenizer(t).input_ids) for t in texts]
         result = {"heldout_reward": round(float(scores.mean()), 4), "heldout_length": sum(lengths) / len(lengths)}
+        if all(item["answer"] is not None for item in self.held):
+            result["heldout_exact"] = round(float(exact_reward(self.held, texts).mean()), 4)
         self.log(step=step, **result)
         return result
 

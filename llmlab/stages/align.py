@@ -67,7 +67,7 @@ class AlignConfig(ModelOptions):
     max_len: int = field(512, help="tokens per side (prompt + reply); longer pairs are left out and counted")
     limit: int | None = field(None, help="use only the first N pairs of --data")
     eval_fraction: float = field(0.1, help="hold out this fraction of the pairs to measure preference accuracy")
-    reward: str = field("", help="online methods: exact (rows' answers) or a reward model folder")
+    reward: str = field("", help="online methods: exact or contains (rows' answers), or a reward model folder")
     sampling: RolloutConfig = field(default_factory=RolloutConfig, help="online methods: how replies are sampled")
     train: AlignTrainConfig = field(default_factory=AlignTrainConfig, help="the training loop")
     save: bool = field(True, help="save the adapter (or the model, with --tuning full) in the run folder")

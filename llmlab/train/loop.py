@@ -264,6 +264,9 @@ def fit(model, loss_fn, train_data, cfg: TrainConfig, *, collate, eval_data=None
     max_steps = cfg.max_steps or math.ceil(cfg.epochs * len(loader) / cfg.grad_accum)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * max_steps)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)  # noqa: E731
+    if cfg.bf16 and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log.warning("--train.bf16 on a CPU without bf16 instructions (AVX512-BF16/AMX): bf16 matmuls are emulated "
+                    "and can be 10-25x slower than float32 here; leave --train.bf16 off on this machine")
     step, tokens, eval_loss, losses, train_loss = 0, 0, None, [], None
     if resume is not None:
         step, tokens = _resume(resume, model, optimizer, loader, run, max_steps)
