@@ -21,7 +21,7 @@ from tests.test_layers import ROOT, imports, layer  # noqa: E402
 
 ROWS = ["stages", "methods", "core"]
 UTILITIES = {"errors", "atomic", "config", "runs"}  # imported from everywhere: drawn as a strip, not as arrows
-ORDER = ["stages", "peft", "distill", "compress", "evaluate", "methods", "data/steps", "data (pipeline, tasks)",
+ORDER = ["stages", "peft", "distill", "compress", "align", "evaluate", "methods", "data/steps", "data (pipeline, tasks)",
          "train", "data", "generation", "models", "models/packed"]
 COLOURS = {"stages": "#fde2c4", "methods": "#d7e8fb", "core": "#dff2d8"}
 

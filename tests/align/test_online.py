@@ -53,17 +53,20 @@ def test_bad_unpaired_rows_are_named(tiny_llama, tmp_path, rows, message):
         load_unpaired(_write(tmp_path / "bad.jsonl", rows), tiny_llama[1])
 
 
-def test_kto_trains_on_thumbs_up_and_down(tmp_path, capsys):
+@pytest.mark.parametrize("tuning, lr", [("lora", "1e-2"), ("full", "1e-3")])
+def test_kto_trains_on_thumbs_up_and_down(tmp_path, capsys, tuning, lr):
     data = _thumbs(tmp_path / "thumbs.jsonl")
     assert main(["align", "--model", "tiny-llama", "--data", data, "--method", "kto", "--eval-fraction", "0.25",
-                 "--train.max-steps", "15", "--train.lr", "1e-2", "--train.warmup-steps", "0", "--out", "kto",
-                 "--json"]) == 0
+                 "--tuning", tuning, "--train.max-steps", "15", "--train.lr", lr, "--train.warmup-steps", "0",
+                 "--out", "kto", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     losses = [m["loss"] for m in _lines(tmp_path / "kto") if "loss" in m]
     assert losses[0] == pytest.approx(0.5, abs=1e-4)  # at the reference r = z = 0: 1 − σ(0) for every row
     assert losses[-1] < losses[0]
     assert summary["train_completions"] == 18 and summary["eval_completions"] == 6
     assert summary["reward_margin"] > 0  # desirable completions gained reward over undesirable ones
+    if tuning == "full":  # the reference log-probs of both sides, computed once before training
+        assert len(json.loads((tmp_path / "kto" / "ref_logps.json").read_text())) == 24
 
 
 def test_prompts_read_from_every_kind_of_row(tmp_path):
