@@ -23,6 +23,7 @@ as GKD's own code (and trl's `GKDTrainer.generalized_jsd_loss`, the oracle in th
 Everything is computed in float32 from logits of shape (..., V) and returns shape (...).
 """
 
+import inspect
 import math
 
 import torch
@@ -122,10 +123,25 @@ PREFERENCE_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "simpo", "orpo")
 
 
 def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ log p of each row's target tokens, how many there are): two (rows,) tensors, the sum in float32."""
-    logits, targets, mask = shifted(model(**model_inputs(model, batch)).logits, batch["labels"])  # (R, T-1, V)
-    nll = F.cross_entropy(logits.transpose(1, 2).float(), targets.clamp(min=0), reduction="none")  # (R, T-1)
+    """(Σ log p of each row's target tokens, how many there are): two (rows,) tensors, the sum in float32.
+
+    The LM head runs only at the positions that predict a target in some row (transformers'
+    `logits_to_keep` with indices): a preference batch's prompts need no logits, and (rows × positions ×
+    vocabulary) logits are most of such a step's memory."""
+    labels = batch["labels"]
+    keep = (labels[:, 1:] != IGNORE).any(0).nonzero().squeeze(-1)  # positions t whose logits predict t + 1
+    if _takes_logits_to_keep(model) and len(keep):
+        logits = model(**model_inputs(model, batch), logits_to_keep=keep).logits  # (R, K, V)
+        targets = labels[:, keep + 1]
+        mask = targets != IGNORE
+    else:
+        logits, targets, mask = shifted(model(**model_inputs(model, batch)).logits, labels)  # (R, T-1, V)
+    nll = F.cross_entropy(logits.transpose(1, 2).float(), targets.clamp(min=0), reduction="none")
     return -(nll * mask).sum(-1), mask.sum(-1)
+
+
+def _takes_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in inspect.signature(type(model).forward).parameters
 
 
 def preference_loss(kind: str, chosen, rejected, ref_chosen=None, ref_rejected=None, n_chosen=None, n_rejected=None,

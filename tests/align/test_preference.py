@@ -187,3 +187,17 @@ def test_a_reward_model_learns_the_pairs_saves_and_loads_back(tmp_path, capsys):
     scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scores["pairs"] == 24 and scores["pairwise_accuracy"] > 0.5  # trained on 18 of these 24
     assert main(["eval", "reward", "--model", "tiny-llama", "--data", data]) == 2  # not a reward model
+
+
+def test_sequence_logps_on_the_kept_positions_equal_the_full_logits(tiny_llama, tmp_path, monkeypatch):
+    from llmlab.data.preference import collate_pairs
+    from llmlab.train import losses
+
+    model, tok = tiny_llama
+    pairs, _ = load_pairs(_pairs(tmp_path / "p.jsonl", n=6), tok)
+    batch = collate_pairs(pairs, tok.pad_token_id)
+    with torch.no_grad():
+        kept = losses.sequence_logps(model, batch)
+        monkeypatch.setattr(losses, "_takes_logits_to_keep", lambda model: False)
+        full = losses.sequence_logps(model, batch)
+    torch.testing.assert_close(kept, full)
