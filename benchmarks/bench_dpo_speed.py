@@ -1,6 +1,7 @@
 """DPO speed and memory: llmlab's `align --method dpo` against TRL's DPOTrainer, same model, pairs and batch.
 
     .venv/bin/python benchmarks/bench_dpo_speed.py [--pairs 32] [--steps 8] [--max-len 256] [--tuning lora,full]
+                                                   [--checkpointing trl|on|off]
 
 The pairs are hh-rlhf helpful-base rows 901+ (../shared/data/preference), rewritten as conversational
 prompt/chosen/rejected rows that both tools read, and only those whose two sides fit --max-len tokens under
@@ -10,6 +11,8 @@ linear (TRL through peft), or full fine-tuning. The reference model: LoRA — bo
 (one model in memory); full — TRL keeps a second model, llmlab precomputes the reference log-probs once
 (their cost is counted: it is part of the run). Each run is a fresh process, so its peak RSS is its own.
 Throughput = tokens of the training batches (prompt + reply, both sides) / wall seconds of the run.
+Gradient checkpointing: TRL's configs turn it on by default and llmlab's leave it off; --checkpointing trl
+keeps each tool's default, on/off sets both the same way.
 """
 
 import argparse
@@ -58,6 +61,8 @@ def run_llmlab(pairs: Path, tuning: str, args) -> dict:
             "--json"]
     if tuning == "lora":
         argv += ["--adapter.r", "16", "--adapter.alpha", "16", "--adapter.targets", "all-linear"]
+    if args.checkpointing == "on":
+        argv += ["--train.gradient-checkpointing", "true"]
     assert main(argv) == 0
     summary = json.loads((args.out / "llmlab" / "summary.json").read_text())
     return {"tokens": summary["tokens"], "seconds": time.time() - start}
@@ -79,7 +84,8 @@ def run_trl(pairs: Path, tuning: str, args) -> dict:
                     learning_rate=2e-4, warmup_steps=0, beta=0.1, max_length=args.max_len, report_to=[],
                     save_strategy="no", logging_steps=1, use_cpu=True, lr_scheduler_type="cosine",
                     dataloader_num_workers=0, disable_tqdm=True,
-                    bf16=False)  # TRL's configs default to bf16, emulated (and ~25x slower) on CPUs without it
+                    bf16=False,  # TRL's configs default to bf16, emulated (and ~25x slower) on CPUs without it
+                    **({} if args.checkpointing == "trl" else {"gradient_checkpointing": args.checkpointing == "on"}))
     lora = LoraConfig(r=16, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=model, ref_model=None if tuning == "lora" else copy.deepcopy(model), args=cfg,
                          train_dataset=Dataset.from_list(rows), processing_class=tok,
@@ -108,6 +114,7 @@ def main():
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--max-len", type=int, default=256)
     parser.add_argument("--tuning", default="lora,full")
+    parser.add_argument("--checkpointing", choices=["trl", "on", "off"], default="trl")
     parser.add_argument("--out", type=Path, default=Path("bench-dpo-speed"))
     parser.add_argument("--child", choices=["llmlab", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--data", dest="pairs_file", help=argparse.SUPPRESS)
@@ -118,13 +125,14 @@ def main():
         return child(args)
     pairs = make_pairs(args.out, args.pairs, args.max_len)
     print(f"{len(pairs.read_text().splitlines())} pairs of at most {args.max_len} tokens a side, {args.steps} steps, "
-          "batch 2, float32, 2 CPU threads\n")
+          f"batch 2, float32, 2 CPU threads, gradient checkpointing: {args.checkpointing}\n")
     print("| tuning | tool | tokens/s | peak RSS (MB) | wall (s) |\n|---|---|---|---|---|")
     for tuning in args.tuning.split(","):
         results = {}
         for tool in ("trl", "llmlab"):
             proc = subprocess.run([sys.executable, __file__, "--child", tool, "--data", str(pairs), "--tuning", tuning,
-                                   "--steps", str(args.steps), "--max-len", str(args.max_len), "--out", str(args.out)],
+                                   "--steps", str(args.steps), "--max-len", str(args.max_len), "--out", str(args.out),
+                                   "--checkpointing", args.checkpointing],
                                   capture_output=True, text=True)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:

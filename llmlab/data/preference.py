@@ -50,8 +50,9 @@ def detect_format(row: dict, where: str) -> str:
                       f"expected chosen/rejected with conversations or prompt (formats: {', '.join(FORMATS)})")
 
 
-def to_pair(row: dict, fmt: str, where: str) -> Pair:
-    """The row as a prompt conversation and two replies; LlmlabError naming the row and field otherwise."""
+def to_pair(row: dict, fmt: str, where: str, distinct: bool = True) -> Pair:
+    """The row as a prompt conversation and two replies; LlmlabError naming the row and field otherwise (and,
+    with `distinct`, when the two replies are the same)."""
     for key in ("chosen", "rejected"):
         if key not in row:
             raise LlmlabError(f"{where}: missing field '{key}'")
@@ -70,7 +71,7 @@ def to_pair(row: dict, fmt: str, where: str) -> Pair:
     else:
         pair = Pair([{"role": "user", "content": _str(row, "prompt", where)}], _str(row, "chosen", where),
                     _str(row, "rejected", where))
-    if pair.chosen == pair.rejected:
+    if distinct and pair.chosen == pair.rejected:
         raise LlmlabError(f"{where}: chosen and rejected are identical; a pair must prefer one reply to another")
     return pair
 
@@ -272,7 +273,7 @@ def load_prompts(data: str, *, limit: int | None = None) -> list[dict]:
             text = "\n\n".join(str(row[k]) for k in ("instruction", "input") if str(row.get(k) or "").strip())
             out.append({"messages": [{"role": "user", "content": text}], "answer": _answer(row.get("output"))})
         elif "chosen" in row or "conversations" in row:
-            pair = to_pair(row, detect_format(row, where), where)
+            pair = to_pair(row, detect_format(row, where), where, distinct=False)  # only the prompt is used
             out.append({"messages": pair.prompt, "answer": None})
         elif "prompt" in row:
             prompt = row["prompt"]

@@ -72,10 +72,11 @@ def test_kto_trains_on_thumbs_up_and_down(tmp_path, capsys, tuning, lr):
 def test_prompts_read_from_every_kind_of_row(tmp_path):
     rows = [{"instruction": "Add", "input": "2 and 3", "output": "5"}, {"prompt": "Hi", "answer": "Hello"},
             {"prompt": [{"role": "user", "content": "Yo"}]}, {"prompt": "Say x.", "chosen": "x", "rejected": "y"},
-            {"chosen": "\n\nHuman: Hey\n\nAssistant: Hi", "rejected": "\n\nHuman: Hey\n\nAssistant: Go away"}]
+            {"chosen": "\n\nHuman: Hey\n\nAssistant: Hi", "rejected": "\n\nHuman: Hey\n\nAssistant: Go away"},
+            {"prompt": "Same?", "chosen": "yes", "rejected": "yes"}]  # a pair's replies do not matter here
     items = load_prompts(_write(tmp_path / "p.jsonl", rows))
-    assert [i["messages"][-1]["content"] for i in items] == ["Add\n\n2 and 3", "Hi", "Yo", "Say x.", "Hey"]
-    assert [i["answer"] for i in items] == ["5", "Hello", None, None, None]
+    assert [i["messages"][-1]["content"] for i in items] == ["Add\n\n2 and 3", "Hi", "Yo", "Say x.", "Hey", "Same?"]
+    assert [i["answer"] for i in items] == ["5", "Hello", None, None, None, None]
     with pytest.raises(LlmlabError, match="row 1: no prompt"):
         load_prompts(_write(tmp_path / "bad.jsonl", [{"text": "x"}]))
 
