@@ -18,8 +18,6 @@ lr 2e-4, float32 (bf16 autocast is emulated, and slow, on CPUs without AVX512-BF
 """
 
 import argparse
-import contextlib
-import io
 import json
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ from pathlib import Path
 import torch
 
 from llmlab.align.online import ModelReward
-from llmlab.cli import main as llmlab
+from _cli import run  # benchmarks/_cli.py, beside this script
 from llmlab.data.preference import load_pairs, load_prompts
 from llmlab.generation.generate import SamplingConfig, encode, generate_batch
 from llmlab.models import load_model
@@ -39,11 +37,6 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "preference" / 
 METHODS = ["dpo", "cdpo", "robust", "hinge", "ipo", "simpo", "orpo", "kto"]
 
 
-def run(argv: list[str]) -> dict:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert llmlab([*argv, "--json"]) == 0, argv
-    return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
 def split(out: Path) -> dict:

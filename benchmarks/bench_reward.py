@@ -10,23 +10,14 @@ is 0.5; one standard error on 300 pairs is about 0.03) and the margin distributi
 """
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
-from llmlab.cli import main as llmlab
+from _cli import run  # benchmarks/_cli.py, beside this script
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "preference" / "hh-rlhf" / "helpful-base"
 
 
-def run(argv: list[str]) -> dict:
-    import contextlib
-    import io
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert llmlab([*argv, "--json"]) == 0, argv
-    return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
 def main():

@@ -19,22 +19,15 @@ reward of greedy replies; the KL per reply is in each rollout's metrics line.
 """
 
 import argparse
-import contextlib
-import io
 import json
 from pathlib import Path
 
-from llmlab.cli import main as llmlab
+from _cli import run  # benchmarks/_cli.py, beside this script
 from llmlab.data.tasks import make_tasks
 
 HELD = Path(__file__).resolve().parents[2] / "shared" / "data" / "preference" / "hh-rlhf" / "helpful-base"
 
 
-def run(argv: list[str]) -> dict:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert llmlab([*argv, "--json"]) == 0, argv
-    return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
 def rollouts(run_dir: Path) -> list[dict]:

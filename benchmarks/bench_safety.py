@@ -10,21 +10,14 @@ DPO: LoRA r 16 on every linear, β 0.1, lr 2e-4, batch 2, --steps steps on hh-rl
 """
 
 import argparse
-import contextlib
-import io
 import json
 from pathlib import Path
 
-from llmlab.cli import main as llmlab
+from _cli import run  # benchmarks/_cli.py, beside this script
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def run(argv: list[str]) -> dict:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert llmlab([*argv, "--json"]) == 0, argv
-    return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
 def main():
