@@ -1,6 +1,6 @@
 """Every model is a transformers causal LM with its tokenizer; these find, load and save them."""
 
-from llmlab.models import llmlab_llama  # noqa: F401  (registers model_type "llmlab_llama" with the Auto classes)
+from llmlab.models import lab, llmlab_llama  # noqa: F401  (register "llmlab_lab" and "llmlab_llama" with the Auto classes)
 from llmlab.models.builtin import BUILTIN_NAME
 from llmlab.models.dtypes import resolve_device, resolve_dtype
 from llmlab.models.layers import decoder_layers
