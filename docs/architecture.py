@@ -21,15 +21,15 @@ from tests.test_layers import ROOT, imports, layer  # noqa: E402
 
 ROWS = ["stages", "methods", "core"]
 UTILITIES = {"errors", "atomic", "config", "runs"}  # imported from everywhere: drawn as a strip, not as arrows
-ORDER = ["stages", "peft", "distill", "compress", "align", "evaluate", "methods", "data/steps", "data (pipeline, tasks)",
-         "train", "data", "generation", "models", "models/packed"]
+ORDER = ["stages", "pretrain", "peft", "distill", "compress", "align", "evaluate", "methods", "data/steps",
+         "data (pipeline, tasks)", "train", "data", "generation", "models", "models/lab", "models/packed"]
 COLOURS = {"stages": "#fde2c4", "methods": "#d7e8fb", "core": "#dff2d8"}
 
 
 def group(module: str) -> str:
     """The box a module belongs to: llmlab.compress.gptq -> compress; llmlab.data.steps.x -> data/steps."""
     parts = module.split(".")[1:]
-    if parts[:2] == ["data", "steps"] or parts[:2] == ["models", "packed"]:
+    if parts[:2] in (["data", "steps"], ["models", "packed"], ["models", "lab"]):
         return "/".join(parts[:2])
     if module in ("llmlab.data.pipeline", "llmlab.data.executors", "llmlab.data.tasks", "llmlab.data.tokenizer_train"):
         return "data (pipeline, tasks)"

@@ -39,6 +39,8 @@ STAGES = {
                        "train BPE, WordPiece or Unigram tokenizers; bytes per token on held-out text"),
     "data pack": ("llmlab.stages.data", "pack_verb", "PackConfig", [],
                   "tokenize documents into memory-mapped uint16/uint32 token shards with a manifest"),
+    "pretrain": ("llmlab.stages.pretrain", "pretrain", "PretrainConfig", [],
+                 "pretrain the lab decoder from scratch, or continue pretraining a model (torchrun DDP/FSDP2)"),
     "finetune": ("llmlab.stages.finetune", "finetune", "FinetuneConfig", [],
                  "supervised fine-tuning on instruction or chat data: LoRA and friends, or full"),
     "merge": ("llmlab.stages.merge", "merge_verb", "MergeConfig", [],

@@ -19,7 +19,7 @@ LAYERS = {
     "llmlab.errors": "core", "llmlab.atomic": "core", "llmlab.config": "core", "llmlab.runs": "core",
     "llmlab.models": "core", "llmlab.generation": "core", "llmlab.train": "core", "llmlab.data": "core",
     "llmlab.methods": "methods", "llmlab.peft": "methods", "llmlab.compress": "methods", "llmlab.distill": "methods",
-    "llmlab.evaluate": "methods", "llmlab.align": "methods", "llmlab.data.steps": "methods", "llmlab.data.pipeline": "methods",
+    "llmlab.evaluate": "methods", "llmlab.align": "methods", "llmlab.pretrain": "methods", "llmlab.data.steps": "methods", "llmlab.data.pipeline": "methods",
     "llmlab.data.executors": "methods", "llmlab.data.tasks": "methods", "llmlab.data.tokenizer_train": "methods",
     "llmlab.stages": "stages",
     "llmlab.cli": "top", "llmlab": "top",

@@ -8,6 +8,11 @@ A checkpoint is a folder `checkpoints/step-000400/`, written atomically:
                             state, Python's and NumPy's generator states, the training config
 Frozen weights are not saved: resuming reloads the base model and lays these on top. Tensors
 go to safetensors and everything else to JSON, so loading a checkpoint runs no code.
+
+Data-parallel runs write the same consolidated checkpoint: DDP's replicas are whole already (the
+"module." prefix of the wrapper is dropped), and FSDP2's sharded parameters and optimizer states
+are gathered into whole tensors (every rank takes part), then rank 0 writes. Loading lays whole
+tensors back and each rank keeps its own shard, so a checkpoint resumes on any number of processes.
 """
 
 import json
@@ -18,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from llmlab.atomic import atomic_dir
 from llmlab.errors import LlmlabError
@@ -26,16 +32,35 @@ PREFIX = "step-"
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    return {_plain(name): _whole(p).detach().contiguous().cpu() for name, p in model.named_parameters()
+            if p.requires_grad}
+
+
+def _plain(name: str) -> str:
+    """A parameter's name without DDP's wrapper prefix."""
+    return name[len("module."):] if name.startswith("module.") else name
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP2 shard (a collective: every rank must call it), or `t` itself."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _writer() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+        torch.distributed.get_rank() == 0
 
 
 def save_checkpoint(folder: str | Path, model, optimizer, state: dict) -> Path:
     """Write `model`'s trainable parameters, `optimizer`, the RNG states and `state` (JSON) to `folder`."""
     folder = Path(folder)
+    params = trainable_state(model)  # gathered on every rank, written by rank 0 only
     opt_tensors, opt_json = _split_optimizer(optimizer.state_dict())
     rng_tensors, rng_json = _rng_state()
+    if not _writer():
+        return folder
     with atomic_dir(folder) as tmp:
-        save_file(trainable_state(model), tmp / "trainable.safetensors")
+        save_file(params, tmp / "trainable.safetensors")
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         save_file(rng_tensors, tmp / "rng.safetensors")
         (tmp / "state.json").write_text(json.dumps(
@@ -57,12 +82,12 @@ def load_checkpoint(folder: str | Path, model, optimizer) -> dict:
     except (OSError, ValueError) as e:
         raise LlmlabError(f"could not read checkpoint {folder}: {e}") from None
     _load_trainable(model, params, folder)
-    optimizer.load_state_dict(_join_optimizer(opt_tensors, state["optimizer"]))
+    optimizer.load_state_dict(_shard_like_params(optimizer, _join_optimizer(opt_tensors, state["optimizer"])))
     return state
 
 
 def _load_trainable(model, params: dict, folder: Path):
-    own = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    own = {_plain(name): p for name, p in model.named_parameters() if p.requires_grad}
     if own.keys() != params.keys():
         missing, extra = sorted(own.keys() - params.keys()), sorted(params.keys() - own.keys())
         raise LlmlabError(f"checkpoint {folder} does not match the model's trainable parameters "
@@ -70,7 +95,24 @@ def _load_trainable(model, params: dict, folder: Path):
                           "--model and --method as the run that wrote it")
     with torch.no_grad():
         for name, p in own.items():
-            p.copy_(params[name])
+            p.copy_(_shard_like(params[name].to(p.device), p))
+
+
+def _shard_like(whole: torch.Tensor, param) -> torch.Tensor:
+    """`whole` cut the way an FSDP2 parameter is (each rank keeps its own piece), or as it is."""
+    if not isinstance(param, DTensor) or whole.shape != param.shape:
+        return whole
+    return distribute_tensor(whole.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+
+
+def _shard_like_params(optimizer, sd: dict) -> dict:
+    """Optimizer states (whole tensors) cut like their FSDP2 parameters; index i is the i-th parameter."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, entries in sd["state"].items():
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                entries[name] = _shard_like(value, params[index])
+    return sd
 
 
 def _split_optimizer(sd: dict) -> tuple[dict, dict]:
@@ -79,7 +121,7 @@ def _split_optimizer(sd: dict) -> tuple[dict, dict]:
     for index, entries in sd["state"].items():
         for name, value in entries.items():
             if torch.is_tensor(value):
-                tensors[f"state.{index}.{name}"] = value.detach().contiguous().cpu()
+                tensors[f"state.{index}.{name}"] = _whole(value).detach().contiguous().cpu()
             else:
                 scalars.setdefault(str(index), {})[name] = value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -142,6 +184,6 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 def prune_checkpoints(root: str | Path, keep: int):
     """Delete all but the newest `keep` checkpoints (keep <= 0 keeps them all)."""
-    if keep > 0:
+    if keep > 0 and _writer():
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -45,6 +45,8 @@ class TrainConfig:
     epochs: float = field(1.0, help="passes over the training data when --train.max-steps is not given")
     batch_size: int = field(8, help="examples per micro-batch")
     grad_accum: int = field(1, help="micro-batches per optimizer step; effective batch = batch_size x grad_accum")
+    batch_warmup_steps: int = field(0, help="dynamic batch size: grow the micro-batches per step linearly from 1 to "
+                                            "grad_accum over this many steps (0: off)")
     warmup_steps: int | None = field(None, help="linear warmup steps (default: warmup_ratio x max_steps)")
     warmup_ratio: float = field(0.03, help="warmup as a fraction of max_steps, when warmup_steps is not given")
     min_lr_ratio: float = field(0.1, help="cosine decay ends at lr x this")
@@ -64,7 +66,7 @@ class TrainConfig:
         for key in ("batch_size", "grad_accum", "log_every"):
             if getattr(self, key) < 1:
                 raise LlmlabError(f"--train.{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
-        for key in ("eval_every", "save_every", "keep_checkpoints"):
+        for key in ("eval_every", "save_every", "keep_checkpoints", "batch_warmup_steps"):
             if getattr(self, key) < 0:
                 raise LlmlabError(f"--train.{key.replace('_', '-')} must be 0 or more, got {getattr(self, key)}")
         if self.lr <= 0:
@@ -88,10 +90,11 @@ class Batches:
     loader's whole state is (epoch, index) and a resumed run sees the same batches.
     """
 
-    def __init__(self, data, batch_size: int, seed: int, collate):
+    def __init__(self, data, batch_size: int, seed: int, collate, rank: int = 0, world: int = 1):
         if len(data) == 0:
             raise LlmlabError("no training examples to train on")
-        self.data, self.batch_size, self.seed, self.collate = data, batch_size, seed, collate
+        self.data, self.batch_size, self.seed, self.collate = data, batch_size * world, seed, collate
+        self.rank, self.world = rank, world  # data parallel: each rank takes every world-th item of the global batch
         self.epoch, self.index, self._order = 0, 0, (None, [])
 
     def __len__(self) -> int:  # micro-batches per epoch; the last one may be smaller
@@ -110,7 +113,7 @@ class Batches:
         if self._order[0] != self.epoch:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
             self._order = (self.epoch, torch.randperm(len(self.data), generator=generator).tolist())
-        ids = self._order[1][self.index * self.batch_size:(self.index + 1) * self.batch_size]
+        ids = self._order[1][self.index * self.batch_size:(self.index + 1) * self.batch_size][self.rank::self.world]
         self.index += 1
         return self.collate([self.data[i] for i in ids])
 
@@ -250,17 +253,22 @@ def frozen_linears_to_bf16(model) -> int:
 
 def fit(model, loss_fn, train_data, cfg: TrainConfig, *, collate, eval_data=None, run=None,
         checkpoint_dir: str | Path | None = None, resume: str | Path | None = None, callbacks=(),
-        progress: bool = True) -> dict:
+        progress: bool = True, after_step=None) -> dict:
     """Train `model` in place on `train_data` (a sequence of examples that `collate` makes batches of).
 
     `resume` is a checkpoint folder, or a folder of them whose newest is taken. `callbacks` are
-    called as `callback(step, metrics)` with every logged line. Returns the run's summary numbers.
+    called as `callback(step, metrics)` with every logged line. `after_step(step)` runs after each
+    optimizer step (step counts from 1) and may return metrics to log with it (a stage's schedules
+    and counters). A DDP- or FSDP2-wrapped model trains data-parallel: each rank takes its share of
+    every micro-batch of batch_size × world items, and only rank 0 logs, saves and shows progress.
+    Returns the run's summary numbers.
     """
     seed_everything(cfg.seed)
     device = next(model.parameters()).device
+    rank, world = rank_and_world(model)
     optimizer = make_optimizer(model, cfg)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    loader = Batches(train_data, cfg.batch_size, cfg.seed, collate)
+    loader = Batches(train_data, cfg.batch_size, cfg.seed, collate, rank, world)
     max_steps = cfg.max_steps or math.ceil(cfg.epochs * len(loader) / cfg.grad_accum)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * max_steps)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)  # noqa: E731
@@ -270,10 +278,11 @@ def fit(model, loss_fn, train_data, cfg: TrainConfig, *, collate, eval_data=None
     step, tokens, eval_loss, losses, train_loss = 0, 0, None, [], None
     if resume is not None:
         step, tokens = _resume(resume, model, optimizer, loader, run, max_steps)
-    start_step, meter = step, Throughput()
+    start_step, meter, extra = step, Throughput(), {}
     with (training_mode(model, cfg), memory_stats(device) as memory,
-          MetricsLog(run, cfg.tensorboard, callbacks) as metrics,
-          tqdm(total=max_steps, initial=step, desc="train", unit="step", disable=not progress) as bar):
+          MetricsLog(run if rank == 0 else None, cfg.tensorboard and rank == 0,
+                     callbacks if rank == 0 else ()) as metrics,
+          tqdm(total=max_steps, initial=step, desc="train", unit="step", disable=not progress or rank > 0) as bar):
         while True:
             lr = lr_at(step, cfg.lr, max_steps, warmup, cfg.min_lr_ratio)
             for group in optimizer.param_groups:
@@ -282,26 +291,54 @@ def fit(model, loss_fn, train_data, cfg: TrainConfig, *, collate, eval_data=None
                 eval_loss = evaluate(model, loss_fn, eval_data, cfg.batch_size, collate, autocast)
                 metrics(step, eval_loss=eval_loss)
             if step > start_step and cfg.save_every and step % cfg.save_every == 0:
-                _save(checkpoint_dir, model, optimizer, loader, cfg, step, tokens + meter.tokens, max_steps)
+                _save(checkpoint_dir, model, optimizer, loader, cfg, step, tokens + meter.tokens * world, max_steps)
             if step >= max_steps:
                 break
+            micro = micro_batches(step, cfg)
             with meter:
-                loss_sum, n = accumulate(model, loss_fn, (next(loader) for _ in range(cfg.grad_accum)), autocast, meter)
+                loss_sum, n = accumulate(model, loss_fn, (next(loader) for _ in range(micro)), autocast, meter)
                 grad_norm = _clip(params, cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             step += 1
+            if world > 1:
+                loss_sum, n = _sum_over_ranks(loss_sum, n, device)
             losses.append(loss_sum / max(n, 1))
+            if after_step is not None:
+                extra = after_step(step) or {}
             if step % cfg.log_every == 0 or step == max_steps:
-                train_loss, rate = sum(losses) / len(losses), meter.since_last()
-                metrics(step, loss=train_loss, lr=lr, grad_norm=grad_norm, tokens_per_s=round(rate, 1))
+                train_loss, rate = sum(losses) / len(losses), meter.since_last() * world
+                metrics(step, loss=train_loss, lr=lr, grad_norm=grad_norm, tokens_per_s=round(rate, 1),
+                        **({"micro_batches": micro} if cfg.batch_warmup_steps else {}), **extra)
                 bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
                 losses = []
             bar.update(1)
-    tokens += meter.tokens
+    tokens += meter.tokens * world  # ranks see equal shares of each global batch
     return {"steps": step, "train_loss": train_loss, "eval_loss": eval_loss, "tokens": tokens,
-            "seconds": round(meter.seconds, 3), "tokens_per_s": round(meter.tokens / max(meter.seconds, 1e-9), 1),
-            **memory}
+            "seconds": round(meter.seconds, 3),
+            "tokens_per_s": round(meter.tokens * world / max(meter.seconds, 1e-9), 1), **memory}
+
+
+def micro_batches(step: int, cfg: TrainConfig) -> int:
+    """Micro-batches of optimizer step `step` (0-based): grad_accum, or a linear ramp up to it (dynamic batch size,
+    the batch-size warm-up of GPT-3, Brown et al. 2020, appendix B)."""
+    if step >= cfg.batch_warmup_steps:
+        return cfg.grad_accum
+    return max(1, math.ceil(cfg.grad_accum * (step + 1) / cfg.batch_warmup_steps))
+
+
+def rank_and_world(model) -> tuple[int, int]:
+    """(this process's rank, number of processes) when the model is wrapped for data parallelism, else (0, 1)."""
+    distributed = hasattr(model, "require_backward_grad_sync") or hasattr(model, "set_requires_gradient_sync")
+    if not (distributed and torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 0, 1
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _sum_over_ranks(loss_sum: float, n: int, device) -> tuple[float, int]:
+    both = torch.tensor([loss_sum, float(n)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(both)
+    return float(both[0]), int(both[1])
 
 
 def accumulate(model, loss_fn, batches, autocast=contextlib.nullcontext, meter: Throughput | None = None):

@@ -268,6 +268,8 @@ class LabForCausalLM(LabPreTrainedModel, GenerationMixin):
                 and input_ids.shape[1] > 1 and (cache is None or cache.get_seq_length() == 0)):
             prefix_lengths = _prompt_lengths(input_ids, attention_mask)
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        for moe in self.moe_layers():
+            moe.reset()  # a layer dropped in this pass must not hand on the last pass's losses
         hidden, cache = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds,
                                    use_cache and not self.training, prefix_lengths, segment_ids)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -281,8 +283,11 @@ class LabForCausalLM(LabPreTrainedModel, GenerationMixin):
 
     def aux_loss(self) -> torch.Tensor | None:
         """The MoE layers' load-balancing and z-losses from the last forward, summed; None for a dense model."""
-        losses = [m.aux_loss for m in self.modules() if isinstance(m, MoE) and m.aux_loss is not None]
+        losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
         return sum(losses) if losses else None
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
 
 
 AutoConfig.register(MODEL_TYPE, LabConfig, exist_ok=True)

@@ -36,7 +36,10 @@ class MoE(nn.Module):
         self.router = nn.Linear(config.hidden_size, self.n, bias=False)
         self.noise = nn.Linear(config.hidden_size, self.n, bias=False) if config.moe_noisy_gating else None
         self.experts = nn.ModuleList(make_expert() for _ in range(self.n))
-        self.aux_loss, self.stats = None, {}
+        self.reset()
+
+    def reset(self):
+        self.aux_loss, self.stats = None, {"tokens": [0] * self.n, "dropped": 0}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -1,0 +1,1 @@
+"""Pretraining methods that sit on the one training loop: progressive layer dropping, vocabulary extension."""

@@ -1,0 +1,325 @@
+"""`llmlab pretrain`: train a language model from scratch (the lab decoder), or continue pretraining one.
+
+    llmlab pretrain --data runs/pack --arch.hidden-size 256 --arch.num-hidden-layers 6 --seq-len 256
+    llmlab pretrain --data book.txt --tokenizer chars/ --arch.norm layernorm --arch.ffn gelu --arch.position learned
+    llmlab pretrain --data new_domain/ --model smollm2-135m --replay-data old_domain.txt --replay-fraction 0.25
+    llmlab pretrain --nproc 2 --parallel fsdp …                 (torchrun underneath; or run torchrun yourself)
+
+The model is `LabConfig(**arch)` with the tokenizer's vocabulary (rounded up to a multiple of 64)
+and its special tokens; `--objective` picks what the windows teach (train/objectives.py). The
+run folder holds the model as an HF folder (`<run>/model`), metrics with tokens/s and MFU, and
+checkpoints that `--resume` continues exactly, on any number of processes.
+"""
+
+import dataclasses
+import json
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from llmlab.config import build, field
+from llmlab.data.corpus import Corpus, Windows
+from llmlab.data.shards import load_tokenizer
+from llmlab.errors import LlmlabError
+from llmlab.models import load_model, save_model
+from llmlab.models.lab import LabConfig, LabForCausalLM
+from llmlab.models.lab.moe import MoE
+from llmlab.pretrain.layer_drop import LayerDropConfig, keep_probabilities
+from llmlab.runs import RunOptions, start_run
+from llmlab.train import TrainConfig, fit, latest_checkpoint, seed_everything
+from llmlab.train import distributed as dist
+from llmlab.train.flops import active_parameters, flops_per_token, matmul_peak
+from llmlab.train.loop import micro_batches
+from llmlab.train.objectives import OBJECTIVES, Collate, lm_loss, special_tokens
+
+log = logging.getLogger("llmlab")
+
+
+@dataclasses.dataclass
+class PretrainTrainConfig(TrainConfig):
+    """The training loop with nanoGPT's small-model recipe as defaults: a high peak rate, β₂ 0.99, weight decay on
+    matrices, 100 warm-up steps, evaluation every 250 steps."""
+    lr: float = field(1e-3, help="peak learning rate")
+    max_steps: int | None = field(2000, help="optimizer steps")
+    batch_size: int = field(12, help="windows per micro-batch (over all processes)")
+    warmup_steps: int | None = field(100, help="linear warmup steps")
+    betas: list[float] = field([0.9, 0.99], help="AdamW betas")
+    weight_decay: float = field(0.1, help="AdamW decoupled weight decay (matrices only)")
+    eval_every: int = field(250, help="evaluate every N steps (0: only at the end)")
+    save_every: int = field(500, help="checkpoint every N steps (0: never)")
+    log_every: int = field(10, help="log the mean loss of every N steps")
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    data: str = field("", help="token shards (`llmlab data pack` folder) or a text file/folder (.txt .md .jsonl)")
+    eval_data: str | None = field(None, help="held-out data of the same kind (default: the tail of --data)")
+    eval_fraction: float = field(0.01, help="hold out this last fraction of --data when --eval-data is not given")
+    eval_windows: int = field(200, help="evaluate on at most this many held-out windows")
+    model: str | None = field(None, help="continue pretraining this model instead of building one from --arch")
+    arch: dict[str, Any] = field({}, help="the lab decoder's choices, e.g. --arch.hidden-size 256 --arch.norm "
+                                          "layernorm --arch.position alibi (see docs/pretrain.md)")
+    tokenizer: str = field("smollm2-135m", help="tokenizer folder or model name, for a model built from --arch")
+    seq_len: int = field(256, help="tokens per training window")
+    windows: str = field("random", help="random (start anywhere, nanoGPT) or sequential (tile the stream)")
+    objective: str = field("causal", help=", ".join(OBJECTIVES))
+    doc_mask: bool = field(False, help="attend only within each document (EOS-separated) of a window")
+    replay_data: str | None = field(None, help="continual pretraining: old-domain data mixed back in")
+    replay_fraction: float = field(0.0, help="share of windows drawn from --replay-data")
+    layer_drop: bool = field(False, help="progressive layer dropping (Zhang & He 2020)")
+    layer_drop_opts: LayerDropConfig = field(default_factory=LayerDropConfig, help="its schedule")
+    compile: bool = field(False, help="torch.compile the model (needs a C++ compiler on CPU)")
+    device: str = field("auto", help="cpu, cuda or auto")
+    nproc: int = field(1, help="data-parallel processes (launches torchrun)")
+    parallel: str = field("ddp", help="ddp (replicate) or fsdp (FSDP2: shard parameters, gradients, optimizer)")
+    train: PretrainTrainConfig = field(default_factory=PretrainTrainConfig, help="the training loop")
+    resume: bool = field(False, help="continue the run in --out from its last checkpoint")
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise LlmlabError(f"unknown --objective '{self.objective}'; use one of {', '.join(OBJECTIVES)}")
+        if self.windows not in ("random", "sequential"):
+            raise LlmlabError(f"unknown --windows '{self.windows}'; use random or sequential")
+        if self.parallel not in dist.KINDS:
+            raise LlmlabError(f"unknown --parallel '{self.parallel}'; use ddp or fsdp")
+        if self.seq_len < 2:
+            raise LlmlabError(f"--seq-len must be at least 2, got {self.seq_len}")
+        if not 0 <= self.eval_fraction < 1 or not 0 <= self.replay_fraction < 1:
+            raise LlmlabError("--eval-fraction and --replay-fraction must be in [0, 1)")
+        if self.replay_fraction and not self.replay_data:
+            raise LlmlabError("--replay-fraction needs --replay-data (the old-domain text to mix back in)")
+        if self.nproc < 1:
+            raise LlmlabError(f"--nproc must be at least 1, got {self.nproc}")
+        if self.model is None:
+            lab_config(self, vocab_size=64)  # a bad --arch key or choice fails now, before any data is read
+
+
+def lab_config(cfg: PretrainConfig, vocab_size: int, tokenizer=None) -> LabConfig:
+    fields = {"max_position_embeddings": max(cfg.seq_len, 2048) if cfg.arch.get("position") != "learned"
+              else cfg.seq_len, **{k.replace("-", "_"): v for k, v in cfg.arch.items()}}
+    names = {f.name for f in dataclasses.fields(LabConfig)} - {"vocab_size"}
+    unknown = sorted(set(fields) - names)
+    if unknown:
+        from llmlab.errors import closest
+
+        raise LlmlabError(f"unknown key 'arch.{unknown[0]}'{closest(unknown[0], names)}")
+    if fields["max_position_embeddings"] < cfg.seq_len:
+        raise LlmlabError(f"--arch.max-position-embeddings {fields['max_position_embeddings']} is shorter than "
+                          f"--seq-len {cfg.seq_len}")
+    if tokenizer is not None:
+        fields.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+    return LabConfig(vocab_size=vocab_size, **fields)
+
+
+def pretrain(cfg: PretrainConfig, opts: RunOptions) -> dict:
+    if not cfg.data:
+        raise LlmlabError("pretrain needs data: --data (token shards from `llmlab data pack`, or text)")
+    if cfg.nproc > 1 and dist.world_size() == 1:
+        return _launch(cfg, opts)
+    rank, world, device = dist.init()
+    if cfg.device != "auto":
+        device = torch.device(cfg.device)
+    if cfg.train.batch_size % world:
+        raise LlmlabError(f"--train.batch-size {cfg.train.batch_size} is the global micro-batch and must split evenly "
+                          f"over {world} processes; use a multiple of {world}")
+    resume = _resume_source(cfg, opts)
+    model, tokenizer = build_model(cfg, device)
+    _check_resume(cfg, opts, model)
+    train_data, eval_data = _data(cfg, tokenizer, model.config.vocab_size)
+    collate = Collate(cfg.objective, tokenizer, cfg.train.seed, cfg.doc_mask)
+    if cfg.objective != "causal" and not isinstance(model, LabForCausalLM):
+        raise LlmlabError(f"--objective {cfg.objective} needs a bidirectional prefix: the lab decoder "
+                          f"(build one with --arch) rather than --model {cfg.model}")
+    n_params, per_token = active_parameters(model), flops_per_token(model, cfg.seq_len)
+    peak = matmul_peak(torch.bfloat16 if cfg.train.bf16 else torch.float32, device)
+    layers = model.model.layers if isinstance(model, LabForCausalLM) else []
+    gamma = cfg.layer_drop_opts.gamma or 10 / (cfg.train.max_steps or 1000)
+    if cfg.layer_drop:
+        model.model.layer_keep = keep_probabilities(0, len(layers), cfg.layer_drop_opts.theta, gamma)
+    sparse = cfg.layer_drop or bool(getattr(model.config, "num_experts", 0))  # some parameters may get no gradient
+    wrapped = dist.wrap(model, cfg.parallel, find_unused=sparse) if world > 1 else model
+    trained = torch.compile(wrapped) if cfg.compile else wrapped
+    clock = {"t": time.perf_counter()}
+
+    def after_step(step: int) -> dict:
+        now = time.perf_counter()
+        tokens = micro_batches(step - 1, cfg.train) * cfg.train.batch_size * world * cfg.seq_len
+        out = {"mfu": round(tokens * per_token / (now - clock["t"]) / peak, 4)}
+        clock["t"] = now
+        if cfg.layer_drop:
+            keep = keep_probabilities(step, len(layers), cfg.layer_drop_opts.theta, gamma)
+            model.model.layer_keep = keep
+            out["expected_layers"] = round(sum(keep), 2)
+        out.update(_expert_metrics(model))
+        return out
+
+    per_rank = dataclasses.replace(cfg.train, batch_size=cfg.train.batch_size // world)
+    with start_run("pretrain", cfg, opts) if rank == 0 else _null() as run:
+        run_path = Path(dist.broadcast(str(run.path) if rank == 0 else None))
+        if rank == 0:
+            (run_path / "model_config.json").write_text(json.dumps(_arch_dict(model), indent=1), encoding="utf-8")
+        result = fit(trained, lm_loss, train_data, per_rank, collate=collate, eval_data=eval_data, run=run,
+                     checkpoint_dir=run_path / "checkpoints", resume=resume, after_step=after_step)
+        state = dist.full_state_dict(wrapped)
+        summary = None
+        if rank == 0:
+            if isinstance(model, LabForCausalLM):
+                model.model.layer_keep = None
+            saved = _save(model, state, tokenizer, run_path / "model", sharded=world > 1 and cfg.parallel == "fsdp")
+            mfu = result["tokens_per_s"] * per_token / peak
+            summary = run.finish({
+                "model": cfg.model or "lab", "saved": str(saved), **result, "params": n_params,
+                "flops_per_token": per_token, "peak_flops": round(peak), "mfu": round(mfu, 4),
+                "eval_ppl": math.exp(result["eval_loss"]) if result["eval_loss"] is not None else None,
+                "objective": cfg.objective, "world_size": world, "parallel": cfg.parallel if world > 1 else None,
+                "train_windows": len(train_data), "eval_windows": len(eval_data or [])})
+            ppl = f", eval loss {result['eval_loss']:.4f}" if result["eval_loss"] is not None else ""
+            print(f"pretrained {n_params / 1e6:.2f}M parameters for {result['steps']} steps{ppl}, "
+                  f"{result['tokens_per_s']:,.0f} tokens/s, MFU {mfu:.1%} -> {saved}")
+    dist.finish()
+    return summary
+
+
+def build_model(cfg: PretrainConfig, device):
+    """The model to train and its tokenizer: `--model` as it is, or a fresh lab decoder for the tokenizer."""
+    seed_everything(cfg.train.seed)
+    if cfg.model:
+        model, tokenizer = load_model(cfg.model, device=str(device.type))
+        return model.float() if model.dtype != torch.float32 else model, tokenizer
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    added = special_tokens(cfg.objective)
+    if added:
+        tokenizer.add_special_tokens({"additional_special_tokens": added})
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    vocab = -(-len(tokenizer) // 64) * 64  # a multiple of 64: faster matmuls (nanoGPT's 50304)
+    model = LabForCausalLM(lab_config(cfg, vocab, tokenizer)).to(device)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _data(cfg: PretrainConfig, tokenizer, vocab_size: int):
+    corpus = Corpus.open(cfg.data, tokenizer, vocab_size)
+    if cfg.eval_data:
+        train, held = corpus, Corpus.open(cfg.eval_data, tokenizer, vocab_size)
+    elif cfg.eval_fraction:
+        train, held = corpus.split(cfg.eval_fraction)
+    else:
+        train, held = corpus, None
+    data = Windows(train, cfg.seq_len, cfg.windows, cfg.train.seed)
+    if cfg.replay_data:
+        data = Mixture(data, Windows(Corpus.open(cfg.replay_data, tokenizer, vocab_size), cfg.seq_len, cfg.windows,
+                                     cfg.train.seed + 1), cfg.replay_fraction, cfg.train.seed)
+    evaluation = None
+    if held is not None and len(held):
+        evaluation = Windows(held, cfg.seq_len, "sequential")
+        evaluation.count = min(evaluation.count, cfg.eval_windows)
+    return data, evaluation
+
+
+class Mixture:
+    """Windows of `new` with a `fraction` of `old` mixed in (replay against forgetting): item i comes from
+    old when a draw seeded by (seed, i) falls under the fraction."""
+
+    def __init__(self, new, old, fraction: float, seed: int):
+        self.new, self.old, self.fraction, self.seed = new, old, fraction, seed
+
+    def __len__(self) -> int:
+        return round(len(self.new) / (1 - self.fraction))
+
+    def __getitem__(self, i: int):
+        import numpy as np
+
+        if np.random.default_rng([self.seed, 7, int(i)]).random() < self.fraction:
+            return self.old[int(i) % len(self.old)]
+        return self.new[int(i) % len(self.new)]
+
+
+def _expert_metrics(model) -> dict:
+    """Per-expert token counts (summed over layers) of the last step, their coefficient of variation, drops."""
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    if not moes:
+        return {}
+    counts = torch.tensor([m.stats.get("tokens", [0] * m.n) for m in moes], dtype=torch.float64)
+    cv = (counts.std(1, unbiased=False) / counts.mean(1).clamp(min=1e-9)).mean()
+    return {"expert_tokens": counts.sum(0).long().tolist(), "expert_cv": round(float(cv), 4),
+            "dropped_tokens": sum(m.stats.get("dropped", 0) for m in moes)}
+
+
+def _check_resume(cfg: PretrainConfig, opts: RunOptions, model) -> None:
+    """A resumed run's model config must be the one it was started with."""
+    if cfg.resume:
+        saved = Path(opts.out) / "model_config.json"
+        if saved.is_file():
+            before, now = json.loads(saved.read_text(encoding="utf-8")), json.loads(json.dumps(_arch_dict(model)))
+            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            if changed:
+                what = ", ".join(f"{k}: {before.get(k)} -> {now.get(k)}" for k in changed[:4])
+                raise LlmlabError(f"--resume: the model config changed since the run started ({what}); "
+                                  f"resume with the same --arch")
+
+
+def _arch_dict(model) -> dict:
+    d = model.config.to_dict()
+    return {k: v for k, v in d.items() if k not in ("transformers_version", "use_cache", "dtype", "torch_dtype")}
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _save(model, state: dict, tokenizer, folder: Path, sharded: bool) -> Path:
+    """Save the trained model; an FSDP2 model's gathered weights go into a fresh unsharded copy first."""
+    if sharded:
+        with torch.device("meta"):
+            whole = AutoModelForCausalLM.from_config(model.config)
+        whole.load_state_dict(state, strict=False, assign=True)
+        whole.tie_weights()
+        if isinstance(whole, LabForCausalLM):
+            whole._init_weights(whole.model)  # the RoPE/ALiBi buffers, which state dicts do not carry
+        whole.generation_config = model.generation_config
+        model = whole
+    return save_model(model, tokenizer, folder)
+
+
+def _resume_source(cfg: PretrainConfig, opts: RunOptions) -> Path | None:
+    if not cfg.resume:
+        return None
+    if not opts.out:
+        raise LlmlabError("--resume continues the run in --out DIR; give the run folder with --out")
+    source = Path(opts.out) / "checkpoints"
+    if latest_checkpoint(source) is None:
+        raise LlmlabError(f"no checkpoint to resume from in {source}; runs write them every --train.save-every steps")
+    return source
+
+
+def _launch(cfg: PretrainConfig, opts: RunOptions) -> dict:
+    """Run this same config in cfg.nproc processes under torchrun; return the run's summary."""
+    out = Path(opts.out or Path("runs") / f"pretrain-{time.strftime('%Y%m%d-%H%M%S')}")
+    data = dataclasses.asdict(dataclasses.replace(cfg, nproc=1))
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(data, f)
+    argv = ["pretrain", "--config", f.name, "--out", str(out)]
+    argv += ["--name", opts.name] if opts.name else []
+    argv += ["--registry", opts.registry] if opts.registry else []
+    code = dist.launch(cfg.nproc, argv)
+    Path(f.name).unlink(missing_ok=True)
+    if code != 0:
+        raise LlmlabError(f"the {cfg.nproc} pretraining processes failed (exit {code}); see their messages above")
+    return json.loads((out / "summary.json").read_text(encoding="utf-8"))
+
+
+__all__ = ["PretrainConfig", "build", "pretrain"]
