@@ -1,4 +1,4 @@
-"""Train a tokenizer on a corpus: byte-level BPE, WordPiece or Unigram, with HF `tokenizers`.
+"""Train a tokenizer on a corpus: byte-level BPE, WordPiece, Unigram or characters, with HF `tokenizers`.
 
 - Byte-level BPE — R. Sennrich, B. Haddow, A. Birch, "Neural Machine Translation of Rare Words
   with Subword Units", ACL 2016, https://arxiv.org/abs/1508.07909, over bytes as in GPT-2
@@ -13,6 +13,8 @@
 - Unigram — T. Kudo, "Subword Regularization", ACL 2018, https://arxiv.org/abs/1804.10959
   (SentencePiece): a unigram LM over pieces, P(x) = Π p(x_i), pruned from a large seed vocabulary
   by how much each piece's removal lowers the corpus likelihood.
+- Characters — one token per character seen in the corpus (nanoGPT's shakespeare_char: 65 tokens
+  for Tiny Shakespeare), for the small character-level models of pretraining recipes.
 
 The result is saved as a transformers tokenizer folder (tokenizer.json, tokenizer_config.json),
 loadable with `AutoTokenizer.from_pretrained(folder)` and so by `llmlab data pack` and the
@@ -32,7 +34,7 @@ from llmlab.data.readers import InputConfig, plan_shards, read_shard
 from llmlab.errors import LlmlabError
 from llmlab.runs import format_table
 
-KINDS = ("bpe", "wordpiece", "unigram")
+KINDS = ("bpe", "wordpiece", "unigram", "chars")
 UNK = "<unk>"
 
 
@@ -76,6 +78,8 @@ def train_tokenizer(texts: Iterable[str], kind: str = "bpe", vocab_size: int = 8
     specials = list(special_tokens or ["<|endoftext|>"])
     if kind != "bpe" and UNK not in specials:  # WordPiece and Unigram need a token for unseen characters
         specials.append(UNK)
+    if kind == "chars":
+        return _char_tokenizer(texts, specials)
     model, normalizer, pre_tokenizer, decoder, trainer = _components(kind, vocab_size, specials, min_frequency)
     tok = Tokenizer(model)
     if normalizer is not None:
@@ -91,6 +95,21 @@ def train_tokenizer(texts: Iterable[str], kind: str = "bpe", vocab_size: int = 8
     template = resources.files("llmlab.models").joinpath("chatml.txt").read_text() if chat else None
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=specials[0], pad_token=specials[0],
                                    unk_token=UNK if kind != "bpe" else None, chat_template=template)
+
+
+def _char_tokenizer(texts: Iterable[str], specials: list[str]):
+    """Specials, then every distinct character in sorted order; characters never seen map to <unk>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = set()
+    for text in texts:
+        chars.update(text)
+    vocab = {token: i for i, token in enumerate([*specials, *sorted(chars - set(specials))])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # every character its own piece
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=specials[0], pad_token=specials[0], unk_token=UNK)
 
 
 def bytes_per_token(tokenizer, texts: list[str]) -> float:

@@ -43,6 +43,21 @@ def test_train_save_and_load_with_auto_tokenizer(kind, tmp_path):
     assert type(load_tokenizer(str(tmp_path / kind))).__name__ == type(loaded).__name__
 
 
+def test_character_tokenizer_has_one_token_per_character_seen(tmp_path):
+    from transformers import AutoTokenizer
+
+    english, chinese = _corpus()
+    tok = train_tokenizer(english + chinese, "chars", special_tokens=["<|endoftext|>"])
+    tok.save_pretrained(tmp_path / "chars")
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "chars")
+    alphabet = set("".join(english + chinese))
+    assert len(loaded) == len(alphabet) + 2  # + end-of-text and <unk>
+    text = english[1] + chinese[1]
+    ids = loaded(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and loaded.decode(ids) == text
+    assert loaded("Ω", add_special_tokens=False)["input_ids"] == [loaded.unk_token_id]
+
+
 def test_bytes_per_token():
     from llmlab.models.tiny import byte_tokenizer
 
