@@ -60,7 +60,8 @@ def shrink(argv: list[str]) -> list[str]:
     options = {row[0] for row in describe(cls)}
     argv = [w.replace("smollm2-135m", "tiny-llama") for w in argv]
     for flag, model in (("--model", "tiny-llama"), ("--teacher", "tiny-llama")):
-        if flag in options and flag not in argv and verb != "merge":  # merge finds the adapter's own base
+        # merge finds the adapter's own base; pretrain builds a model from scratch unless --model is written
+        if flag in options and flag not in argv and verb not in ("merge", "pretrain"):
             argv += [flag, model]
     for option, value in {**BUDGET, **SHRINK_ONLY}.items():
         if option in argv:

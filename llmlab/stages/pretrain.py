@@ -215,10 +215,15 @@ def _data(cfg: PretrainConfig, tokenizer, vocab_size: int):
         train, held = corpus.split(cfg.eval_fraction)
     else:
         train, held = corpus, None
-    data = Windows(train, cfg.seq_len, cfg.windows, cfg.train.seed)
+    # random windows are drawn afresh for every item the run will read (nanoGPT's sampler draws each batch anew),
+    # up to 2^24 distinct ones; fit() shuffles the items, so fewer would be revisited every epoch
+    steps = cfg.train.max_steps or 1
+    count = min(steps * cfg.train.batch_size * cfg.train.grad_accum, 1 << 24) if cfg.windows == "random" else None
+    data = Windows(train, cfg.seq_len, cfg.windows, cfg.train.seed, count)
     if cfg.replay_data:
-        data = Mixture(data, Windows(Corpus.open(cfg.replay_data, tokenizer, vocab_size), cfg.seq_len, cfg.windows,
-                                     cfg.train.seed + 1), cfg.replay_fraction, cfg.train.seed)
+        old = Windows(Corpus.open(cfg.replay_data, tokenizer, vocab_size), cfg.seq_len, cfg.windows, cfg.train.seed + 1,
+                      count)
+        data = Mixture(data, old, cfg.replay_fraction, cfg.train.seed)
     evaluation = None
     if held is not None and len(held):
         evaluation = Windows(held, cfg.seq_len, "sequential")
