@@ -94,6 +94,8 @@ def _scratch(root: Path):
     (root / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats), encoding="utf-8")
     (root / "corpus.jsonl").write_text("".join(json.dumps({"text": " ".join(sentences[i:i + 8])}) + "\n"
                                                for i in range(0, 160, 8)), encoding="utf-8")
+    zh = json.loads((SHARED_DATA / "alpaca_zh" / "zh-data-part-00.json").read_text(encoding="utf-8"))[:300]
+    (root / "zh.txt").write_text("\n".join(" ".join(r["output"].split()) for r in zh), encoding="utf-8")
     (root / "raw").mkdir()
     for part in range(2):
         docs = [{"id": f"{part}-{i}", "text": paragraphs[i]} for i in range(part, len(paragraphs), 2)]

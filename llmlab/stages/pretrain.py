@@ -32,6 +32,7 @@ from llmlab.models import load_model, save_model
 from llmlab.models.lab import LabConfig, LabForCausalLM
 from llmlab.models.lab.moe import MoE
 from llmlab.pretrain.layer_drop import LayerDropConfig, keep_probabilities
+from llmlab.pretrain.vocab import extend_vocabulary, is_chinese, new_pieces
 from llmlab.runs import RunOptions, start_run
 from llmlab.train import TrainConfig, fit, latest_checkpoint, seed_everything
 from llmlab.train import distributed as dist
@@ -71,6 +72,9 @@ class PretrainConfig:
     windows: str = field("random", help="random (start anywhere, nanoGPT) or sequential (tile the stream)")
     objective: str = field("causal", help=", ".join(OBJECTIVES))
     doc_mask: bool = field(False, help="attend only within each document (EOS-separated) of a window")
+    extend_vocab: str | None = field(None, help="continual pretraining: a tokenizer folder (trained on the new "
+                                                "language) whose new pieces join --model's tokenizer first")
+    extend_filter: str = field("chinese", help="which of its pieces to add: chinese (CJK only) or all")
     replay_data: str | None = field(None, help="continual pretraining: old-domain data mixed back in")
     replay_fraction: float = field(0.0, help="share of windows drawn from --replay-data")
     layer_drop: bool = field(False, help="progressive layer dropping (Zhang & He 2020)")
@@ -95,6 +99,10 @@ class PretrainConfig:
             raise LlmlabError("--eval-fraction and --replay-fraction must be in [0, 1)")
         if self.replay_fraction and not self.replay_data:
             raise LlmlabError("--replay-fraction needs --replay-data (the old-domain text to mix back in)")
+        if self.extend_vocab and not self.model:
+            raise LlmlabError("--extend-vocab adds tokens to an existing model's tokenizer: give --model too")
+        if self.extend_filter not in ("chinese", "all"):
+            raise LlmlabError(f"unknown --extend-filter '{self.extend_filter}'; use chinese or all")
         if self.nproc < 1:
             raise LlmlabError(f"--nproc must be at least 1, got {self.nproc}")
         if self.model is None:
@@ -104,7 +112,7 @@ class PretrainConfig:
 def lab_config(cfg: PretrainConfig, vocab_size: int, tokenizer=None) -> LabConfig:
     fields = {"max_position_embeddings": max(cfg.seq_len, 2048) if cfg.arch.get("position") != "learned"
               else cfg.seq_len, **{k.replace("-", "_"): v for k, v in cfg.arch.items()}}
-    names = {f.name for f in dataclasses.fields(LabConfig)} - {"vocab_size"}
+    names = {f.name for f in dataclasses.fields(LabConfig)}
     unknown = sorted(set(fields) - names)
     if unknown:
         from llmlab.errors import closest
@@ -116,7 +124,10 @@ def lab_config(cfg: PretrainConfig, vocab_size: int, tokenizer=None) -> LabConfi
     if tokenizer is not None:
         fields.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id)
-    return LabConfig(vocab_size=vocab_size, **fields)
+    if tokenizer is not None and fields.get("vocab_size", vocab_size) < len(tokenizer):
+        raise LlmlabError(f"--arch.vocab-size {fields['vocab_size']} is smaller than the tokenizer's {len(tokenizer)} "
+                          f"tokens; leave it out (the tokenizer's size, rounded up to a multiple of 64) or raise it")
+    return LabConfig(**{"vocab_size": vocab_size, **fields})
 
 
 def pretrain(cfg: PretrainConfig, opts: RunOptions) -> dict:
@@ -140,27 +151,10 @@ def pretrain(cfg: PretrainConfig, opts: RunOptions) -> dict:
                           f"(build one with --arch) rather than --model {cfg.model}")
     n_params, per_token = active_parameters(model), flops_per_token(model, cfg.seq_len)
     peak = matmul_peak(torch.bfloat16 if cfg.train.bf16 else torch.float32, device)
-    layers = model.model.layers if isinstance(model, LabForCausalLM) else []
-    gamma = cfg.layer_drop_opts.gamma or 10 / (cfg.train.max_steps or 1000)
-    if cfg.layer_drop:
-        model.model.layer_keep = keep_probabilities(0, len(layers), cfg.layer_drop_opts.theta, gamma)
+    after_step = StepHook(model, cfg, world, per_token, peak)
     sparse = cfg.layer_drop or bool(getattr(model.config, "num_experts", 0))  # some parameters may get no gradient
     wrapped = dist.wrap(model, cfg.parallel, find_unused=sparse) if world > 1 else model
     trained = torch.compile(wrapped) if cfg.compile else wrapped
-    clock = {"t": time.perf_counter()}
-
-    def after_step(step: int) -> dict:
-        now = time.perf_counter()
-        tokens = micro_batches(step - 1, cfg.train) * cfg.train.batch_size * world * cfg.seq_len
-        out = {"mfu": round(tokens * per_token / (now - clock["t"]) / peak, 4)}
-        clock["t"] = now
-        if cfg.layer_drop:
-            keep = keep_probabilities(step, len(layers), cfg.layer_drop_opts.theta, gamma)
-            model.model.layer_keep = keep
-            out["expected_layers"] = round(sum(keep), 2)
-        out.update(_expert_metrics(model))
-        return out
-
     per_rank = dataclasses.replace(cfg.train, batch_size=cfg.train.batch_size // world)
     with start_run("pretrain", cfg, opts) if rank == 0 else _null() as run:
         run_path = Path(dist.broadcast(str(run.path) if rank == 0 else None))
@@ -168,19 +162,19 @@ def pretrain(cfg: PretrainConfig, opts: RunOptions) -> dict:
             (run_path / "model_config.json").write_text(json.dumps(_arch_dict(model), indent=1), encoding="utf-8")
         result = fit(trained, lm_loss, train_data, per_rank, collate=collate, eval_data=eval_data, run=run,
                      checkpoint_dir=run_path / "checkpoints", resume=resume, after_step=after_step)
-        state = dist.full_state_dict(wrapped)
+        state = dist.full_state_dict(wrapped)  # every rank takes part in gathering FSDP2's shards
         summary = None
         if rank == 0:
-            if isinstance(model, LabForCausalLM):
-                model.model.layer_keep = None
+            after_step.stop()
             saved = _save(model, state, tokenizer, run_path / "model", sharded=world > 1 and cfg.parallel == "fsdp")
             mfu = result["tokens_per_s"] * per_token / peak
             summary = run.finish({
                 "model": cfg.model or "lab", "saved": str(saved), **result, "params": n_params,
                 "flops_per_token": per_token, "peak_flops": round(peak), "mfu": round(mfu, 4),
                 "eval_ppl": math.exp(result["eval_loss"]) if result["eval_loss"] is not None else None,
-                "objective": cfg.objective, "world_size": world, "parallel": cfg.parallel if world > 1 else None,
-                "train_windows": len(train_data), "eval_windows": len(eval_data or [])})
+                "objective": cfg.objective, "vocab": len(tokenizer), "world_size": world,
+                "parallel": cfg.parallel if world > 1 else None, "train_windows": len(train_data),
+                "eval_windows": len(eval_data or [])})
             ppl = f", eval loss {result['eval_loss']:.4f}" if result["eval_loss"] is not None else ""
             print(f"pretrained {n_params / 1e6:.2f}M parameters for {result['steps']} steps{ppl}, "
                   f"{result['tokens_per_s']:,.0f} tokens/s, MFU {mfu:.1%} -> {saved}")
@@ -188,19 +182,55 @@ def pretrain(cfg: PretrainConfig, opts: RunOptions) -> dict:
     return summary
 
 
+class StepHook:
+    """What runs after each optimizer step: that step's MFU, the layer-dropping schedule, the experts' loads."""
+
+    def __init__(self, model, cfg: PretrainConfig, world: int, per_token: float, peak: float):
+        self.model, self.cfg, self.world, self.per_token, self.peak = model, cfg, world, per_token, peak
+        self.layers = len(model.model.layers) if isinstance(model, LabForCausalLM) else 0
+        self.gamma = cfg.layer_drop_opts.gamma or 10 / (cfg.train.max_steps or 1000)
+        self.clock = time.perf_counter()
+        if cfg.layer_drop:
+            self.model.model.layer_keep = self.keep(0)
+
+    def keep(self, step: int) -> list[float]:
+        return keep_probabilities(step, self.layers, self.cfg.layer_drop_opts.theta, self.gamma)
+
+    def __call__(self, step: int) -> dict:
+        now, cfg = time.perf_counter(), self.cfg
+        tokens = micro_batches(step - 1, cfg.train) * cfg.train.batch_size * cfg.seq_len  # global batch_size
+        out = {"mfu": round(tokens * self.per_token / (now - self.clock) / self.peak, 4)}
+        self.clock = now
+        if cfg.layer_drop:
+            self.model.model.layer_keep = self.keep(step)
+            out["expected_layers"] = round(sum(self.model.model.layer_keep), 2)
+        return {**out, **_expert_metrics(self.model)}
+
+    def stop(self):
+        """The saved model runs every layer."""
+        if self.cfg.layer_drop:
+            self.model.model.layer_keep = None
+
+
 def build_model(cfg: PretrainConfig, device):
     """The model to train and its tokenizer: `--model` as it is, or a fresh lab decoder for the tokenizer."""
     seed_everything(cfg.train.seed)
     if cfg.model:
         model, tokenizer = load_model(cfg.model, device=str(device.type))
-        return model.float() if model.dtype != torch.float32 else model, tokenizer
+        model = model.float() if model.dtype != torch.float32 else model
+        if cfg.extend_vocab:
+            language = load_tokenizer(cfg.extend_vocab)
+            pieces = new_pieces(tokenizer, language, keep=is_chinese if cfg.extend_filter == "chinese" else None)
+            added = extend_vocabulary(model, tokenizer, pieces)
+            log.info("added %d tokens from %s (%d in all now)", added, cfg.extend_vocab, len(tokenizer))
+        return model, tokenizer
     tokenizer = load_tokenizer(cfg.tokenizer)
     added = special_tokens(cfg.objective)
     if added:
         tokenizer.add_special_tokens({"additional_special_tokens": added})
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    vocab = -(-len(tokenizer) // 64) * 64  # a multiple of 64: faster matmuls (nanoGPT's 50304)
+    vocab = -(-len(tokenizer) // 64) * 64  # unless --arch.vocab-size says: a multiple of 64 (nanoGPT's 50304)
     model = LabForCausalLM(lab_config(cfg, vocab, tokenizer)).to(device)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
