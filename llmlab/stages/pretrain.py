@@ -30,6 +30,7 @@ from llmlab.data.shards import load_tokenizer
 from llmlab.errors import LlmlabError
 from llmlab.models import load_model, save_model
 from llmlab.models.lab import LabConfig, LabForCausalLM
+from llmlab.models.lab.convert import t5_config
 from llmlab.models.lab.moe import MoE
 from llmlab.pretrain.layer_drop import LayerDropConfig, keep_probabilities
 from llmlab.pretrain.vocab import extend_vocabulary, is_chinese, new_pieces
@@ -38,7 +39,7 @@ from llmlab.train import TrainConfig, fit, latest_checkpoint, seed_everything
 from llmlab.train import distributed as dist
 from llmlab.train.flops import active_parameters, flops_per_token, matmul_peak
 from llmlab.train.loop import micro_batches
-from llmlab.train.objectives import OBJECTIVES, Collate, lm_loss, special_tokens
+from llmlab.train.objectives import OBJECTIVES, Collate, Seq2SeqCollate, lm_loss, seq2seq_loss, special_tokens
 
 log = logging.getLogger("llmlab")
 
@@ -65,6 +66,8 @@ class PretrainConfig:
     eval_fraction: float = field(0.01, help="hold out this last fraction of --data when --eval-data is not given")
     eval_windows: int = field(200, help="evaluate on at most this many held-out windows")
     model: str | None = field(None, help="continue pretraining this model instead of building one from --arch")
+    architecture: str = field("decoder", help="decoder (the lab decoder) or encoder-decoder (transformers' T5 at "
+                                              "the --arch sizes, trained with --objective span)")
     arch: dict[str, Any] = field({}, help="the lab decoder's choices, e.g. --arch.hidden-size 256 --arch.norm "
                                           "layernorm --arch.position alibi (see docs/pretrain.md)")
     tokenizer: str = field("smollm2-135m", help="tokenizer folder or model name, for a model built from --arch")
@@ -99,6 +102,11 @@ class PretrainConfig:
             raise LlmlabError("--eval-fraction and --replay-fraction must be in [0, 1)")
         if self.replay_fraction and not self.replay_data:
             raise LlmlabError("--replay-fraction needs --replay-data (the old-domain text to mix back in)")
+        if self.architecture not in ("decoder", "encoder-decoder"):
+            raise LlmlabError(f"unknown --architecture '{self.architecture}'; use decoder or encoder-decoder")
+        if self.architecture == "encoder-decoder" and (self.objective != "span" or self.model):
+            raise LlmlabError("--architecture encoder-decoder is built from --arch and trained with --objective span "
+                              "(the corrupted text in, the spans out)")
         if self.extend_vocab and not self.model:
             raise LlmlabError("--extend-vocab adds tokens to an existing model's tokenizer: give --model too")
         if self.extend_filter not in ("chinese", "all"):
@@ -111,7 +119,10 @@ class PretrainConfig:
 
 def lab_config(cfg: PretrainConfig, vocab_size: int, tokenizer=None) -> LabConfig:
     fields = {"max_position_embeddings": max(cfg.seq_len, 2048) if cfg.arch.get("position") != "learned"
-              else cfg.seq_len, **{k.replace("-", "_"): v for k, v in cfg.arch.items()}}
+              else cfg.seq_len,
+              # objectives with an input part get a bidirectional prefix, unless --arch.attention causal says no
+              "attention": "causal" if cfg.objective == "causal" else "prefix",
+              **{k.replace("-", "_"): v for k, v in cfg.arch.items()}}
     names = {f.name for f in dataclasses.fields(LabConfig)}
     unknown = sorted(set(fields) - names)
     if unknown:
@@ -145,8 +156,10 @@ def pretrain(cfg: PretrainConfig, opts: RunOptions) -> dict:
     model, tokenizer = build_model(cfg, device)
     _check_resume(cfg, opts, model)
     train_data, eval_data = _data(cfg, tokenizer, model.config.vocab_size)
-    collate = Collate(cfg.objective, tokenizer, cfg.train.seed, cfg.doc_mask)
-    if cfg.objective != "causal" and not isinstance(model, LabForCausalLM):
+    collate, loss_fn = Collate(cfg.objective, tokenizer, cfg.train.seed, cfg.doc_mask), lm_loss
+    if cfg.architecture == "encoder-decoder":
+        collate, loss_fn = Seq2SeqCollate(tokenizer, cfg.train.seed), seq2seq_loss
+    elif cfg.objective != "causal" and not isinstance(model, LabForCausalLM):
         raise LlmlabError(f"--objective {cfg.objective} needs a bidirectional prefix: the lab decoder "
                           f"(build one with --arch) rather than --model {cfg.model}")
     n_params, per_token = active_parameters(model), flops_per_token(model, cfg.seq_len)
@@ -160,7 +173,7 @@ def pretrain(cfg: PretrainConfig, opts: RunOptions) -> dict:
         run_path = Path(dist.broadcast(str(run.path) if rank == 0 else None))
         if rank == 0:
             (run_path / "model_config.json").write_text(json.dumps(_arch_dict(model), indent=1), encoding="utf-8")
-        result = fit(trained, lm_loss, train_data, per_rank, collate=collate, eval_data=eval_data, run=run,
+        result = fit(trained, loss_fn, train_data, per_rank, collate=collate, eval_data=eval_data, run=run,
                      checkpoint_dir=run_path / "checkpoints", resume=resume, after_step=after_step)
         state = dist.full_state_dict(wrapped)  # every rank takes part in gathering FSDP2's shards
         summary = None
@@ -231,7 +244,13 @@ def build_model(cfg: PretrainConfig, device):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     vocab = -(-len(tokenizer) // 64) * 64  # unless --arch.vocab-size says: a multiple of 64 (nanoGPT's 50304)
-    model = LabForCausalLM(lab_config(cfg, vocab, tokenizer)).to(device)
+    config = lab_config(cfg, vocab, tokenizer)
+    if cfg.architecture == "encoder-decoder":
+        from transformers import T5ForConditionalGeneration
+
+        model = T5ForConditionalGeneration(t5_config(config)).to(device)
+    else:
+        model = LabForCausalLM(config).to(device)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

@@ -116,6 +116,49 @@ class Collate:
         return np.pad(seq, (0, pad)), np.pad(mask, (0, pad)), len(inp)
 
 
+class Seq2SeqCollate:
+    """Span corruption for an encoder-decoder: the corrupted window goes to the encoder, the sentinels and their
+    spans are the decoder's targets (T5's own layout), padded per batch."""
+
+    def __init__(self, tokenizer, seed: int = 0):
+        self.inner = Collate("span", tokenizer, seed)
+        self.pad = tokenizer.pad_token_id
+
+    def __call__(self, windows) -> dict:
+        pairs = []
+        for w in windows:
+            w = np.asarray(w, dtype=np.int64)
+            rng = np.random.default_rng([self.inner.seed, zlib.crc32(w.tobytes())])
+            pairs.append(span_corrupt(w, rng, 3, 0.15, self.inner.sentinels, self.inner.eos_id))
+        inputs = _pad([p[0] for p in pairs], self.pad)
+        labels = _pad([p[1] for p in pairs], IGNORE)
+        return {"input_ids": inputs, "attention_mask": _real([p[0] for p in pairs]), "labels": labels}
+
+
+def _pad(rows, value) -> torch.Tensor:
+    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.from_numpy(r)
+    return out
+
+
+def _real(rows) -> torch.Tensor:
+    """True over each row's own tokens (a real token may share the pad id)."""
+    out = torch.zeros((len(rows), max(len(r) for r in rows)), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = True
+    return out
+
+
+def seq2seq_loss(model, batch: dict):
+    """Summed cross-entropy of an encoder-decoder's targets (teacher forcing) and their count."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                   use_cache=False).logits
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+    return loss, int((batch["labels"] != IGNORE).sum())
+
+
 def prefix_row(window: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray, int]:
     """A split point k drawn uniformly in [1, n−1): the first k tokens are the prefix, the rest targets."""
     k = int(rng.integers(1, len(window) - 1))

@@ -119,6 +119,9 @@ def test_prefix_lm_sees_the_whole_prefix_and_nothing_after_it():
         c, d = model(ids).logits, model(changed).logits
     assert not torch.allclose(a[0, 2], b[0, 2])  # inside the prefix, token 2 sees token 5
     assert torch.allclose(c[0, 2], d[0, 2])      # causal: it does not
+    causal = lab(attention="causal")
+    with torch.no_grad():  # a causal decoder given prefix lengths (prefix-LM rows) stays causal
+        assert torch.equal(causal(ids, prefix_lengths=n).logits, causal(ids).logits)
     later = changed.clone()
     later[0, 8] = (ids[0, 8] + 1) % 300
     with torch.no_grad():
@@ -242,3 +245,19 @@ def test_a_saved_lab_model_loads_back_everywhere(tmp_path):
 def test_inconsistent_configs_name_the_key(kw, key):
     with pytest.raises(LlmlabError, match=key):
         lab(**kw)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    model = lab()
+    model.train()
+    ids = torch.randint(0, 300, (2, 12))
+
+    def grads():
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = grads()
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    assert model.model.layers[0].gradient_checkpointing
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, grads()))

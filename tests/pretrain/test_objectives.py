@@ -12,7 +12,8 @@ from llmlab.data.packing import IGNORE
 from llmlab.data.shards import pack_ids
 from llmlab.errors import LlmlabError
 from llmlab.models.tiny import byte_tokenizer
-from llmlab.train.objectives import SENTINELS, Collate, document_positions, span_corrupt, special_tokens
+from llmlab.train.objectives import (SENTINELS, Collate, Seq2SeqCollate, document_positions, span_corrupt,
+                                     special_tokens)
 
 SENT = list(range(1000, 1100))
 
@@ -63,6 +64,23 @@ def test_prefix_and_span_rows_mask_the_input_and_give_its_length():
     assert firsts <= modes and len(firsts) == 3  # all three denoisers drawn over 40 rows
     again = Collate("ul2", tok, seed=3)([window + i for i in range(40)])
     assert torch.equal(ul2["input_ids"], again["input_ids"])  # the corruption is a function of (seed, tokens)
+
+
+def test_the_encoder_decoder_batch_is_corrupted_input_and_span_targets():
+    tok = byte_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": special_tokens("span")})
+    sentinels = tok.convert_tokens_to_ids(SENTINELS)
+    windows = [np.arange(10, 75), np.arange(100, 140)]
+    batch = Seq2SeqCollate(tok, seed=2)(windows)
+    for i, w in enumerate(windows):
+        inp = batch["input_ids"][i][batch["attention_mask"][i]].tolist()
+        tgt = [t for t in batch["labels"][i].tolist() if t != IGNORE]
+        assert tgt[-1] == tok.eos_token_id
+        spans, current = {}, None
+        for t in tgt[:-1]:
+            current = t if t in sentinels else current
+            spans.setdefault(current, []) if t in sentinels else spans[current].append(t)
+        assert [x for t in inp for x in (spans[t] if t in sentinels else [t])] == w.tolist()
 
 
 def test_objectives_that_need_sentinels_refuse_a_tokenizer_without_them():

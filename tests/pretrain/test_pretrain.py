@@ -89,6 +89,19 @@ def test_objectives_beyond_causal_need_the_lab_decoder(text, tmp_path, capsys):
     assert code == 2 and "needs a bidirectional prefix" in capsys.readouterr().err
 
 
+def test_the_encoder_decoder_of_the_three_way_comparison_trains_on_span_corruption(text, tmp_path):
+    from transformers import T5ForConditionalGeneration
+
+    code = main(["pretrain", "--data", str(text), *TINY, "--architecture", "encoder-decoder", "--objective", "span",
+                 "--seq-len", "64", "--train.max-steps", "30", "--train.eval-every", "15",
+                 "--out", str(tmp_path / "t5")])
+    assert code == 0
+    evals = [r["eval_loss"] for r in metrics(tmp_path / "t5") if "eval_loss" in r]
+    assert evals[-1] < evals[0]
+    model = T5ForConditionalGeneration.from_pretrained(tmp_path / "t5" / "model")
+    assert model.config.num_layers == 2 and model.config.d_model == 32
+
+
 def losses(run: Path) -> list[float]:
     return [r["loss"] for r in metrics(run) if "loss" in r]
 

@@ -64,6 +64,22 @@ def from_gpt2(model: GPT2LMHeadModel) -> LabForCausalLM:
     return lab
 
 
+def t5_config(config: LabConfig):
+    """The encoder-decoder of the survey's three-way comparison (causal decoder, prefix decoder, encoder-decoder),
+    as transformers' T5 at the lab config's sizes: `num_hidden_layers` layers in the encoder and as many in the
+    decoder. T5 brings its own choices: pre-RMSNorm and relative position buckets."""
+    from transformers import T5Config
+
+    ffn = {"swiglu": "gated-silu", "geglu": "gated-gelu", "gelu": "gelu", "relu": "relu"}[config.ffn]
+    return T5Config(vocab_size=config.vocab_size, d_model=config.hidden_size, d_kv=config.head_dim,
+                    d_ff=config.intermediate_size, num_layers=config.num_hidden_layers,
+                    num_heads=config.num_attention_heads, dropout_rate=config.dropout,
+                    layer_norm_epsilon=config.norm_eps,
+                    feed_forward_proj=ffn, tie_word_embeddings=config.tie_word_embeddings,
+                    pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id,
+                    decoder_start_token_id=config.pad_token_id)
+
+
 def _build(config: LabConfig, like) -> LabForCausalLM:
     p = next(like.parameters())
     with torch.device("meta"):

@@ -212,12 +212,13 @@ class LabModel(LabPreTrainedModel):
         alibi = self.config.position == "alibi"
         padded = attention_mask is not None and not bool(attention_mask.all())
         chunk_after_cache = past > 0 and T > 1  # SDPA's is_causal aligns top-left: wrong after a cache
-        if not (padded or alibi or chunk_after_cache or prefix_lengths is not None or segment_ids is not None):
+        prefix = prefix_lengths is not None and self.config.attention == "prefix"
+        if not (padded or alibi or chunk_after_cache or prefix or segment_ids is not None):
             return None
         qi = torch.arange(past, past + T, device=device)
         kj = torch.arange(past + T, device=device)
         allowed = (kj[None, :] <= qi[:, None])[None]  # (1, T, S)
-        if prefix_lengths is not None:
+        if prefix_lengths is not None and self.config.attention == "prefix":  # a causal decoder ignores them
             n = prefix_lengths.to(device)[:, None, None]
             allowed = allowed | ((qi[None, :, None] < n) & (kj[None, None, :] < n))
         if segment_ids is not None:
