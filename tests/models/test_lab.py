@@ -261,3 +261,14 @@ def test_activation_checkpointing_gives_the_same_gradients():
     model.activation_checkpointing_enable({"use_reentrant": False})
     assert model.model.layers[0].gradient_checkpointing
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, grads()))
+
+
+def test_sinusoidal_positions_are_added_to_embeddings_scaled_by_root_d():
+    model = lab(position="sinusoidal")
+    seen = []
+    model.model.layers[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    ids = torch.randint(0, 300, (1, 9))
+    with torch.no_grad():
+        model(ids)
+        want = model.model.embed_tokens(ids) * math.sqrt(48) + pos.sinusoidal(torch.arange(9), 48)
+    assert torch.allclose(seen[0], want, atol=1e-6)

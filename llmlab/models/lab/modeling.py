@@ -188,8 +188,8 @@ class LabModel(LabPreTrainedModel):
             position_ids = _positions(attention_mask, past, T, x.device)
         if c.position == "learned":
             x = x + self.embed_positions(position_ids)
-        elif c.position == "sinusoidal":
-            x = x + pos.sinusoidal(position_ids, c.hidden_size).to(x.dtype)
+        elif c.position == "sinusoidal":  # the paper scales the embeddings by √d, else the ±1 waves drown them
+            x = x * math.sqrt(c.hidden_size) + pos.sinusoidal(position_ids, c.hidden_size).to(x.dtype)
         rope = pos.rope_cos_sin(position_ids, self.inv_freq) if c.position == "rope" else None
         mask = self.attention_mask(attention_mask, past, T, prefix_lengths, segment_ids, x.device)
         x = self.drop(x)

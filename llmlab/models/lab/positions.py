@@ -1,7 +1,7 @@
 """Position information, one function per scheme, written as the papers give it.
 
     sinusoidal   PE(p, 2i) = sin(p / 10000^(2i/d)),  PE(p, 2i+1) = cos(p / 10000^(2i/d))
-                 (Vaswani et al. 2017), added to the token embeddings
+                 (Vaswani et al. 2017), added to the token embeddings scaled by √d as the paper does
     learned      a trained table of positions, added to the token embeddings (GPT-2)
     RoPE         rotate each (x_j, x_{j+d/2}) pair of queries and keys by p·θ_j, θ_j = base^(−2j/d)
                  (Su et al. 2021; the rotate-half layout LLaMA's checkpoints use)
