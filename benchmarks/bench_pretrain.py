@@ -147,6 +147,8 @@ def ablation(args):
             print("| choice | val loss | " + ("128 | 256 | " if study == "positions" else "")
                   + "tokens/s | extra |\n|---|---|" + ("---|---|" if study == "positions" else "") + "---|---|")
             for choice in ABLATIONS[study]:
+                if args.where and args.where not in [f"{k}={v}" for k, v in choice.items()]:
+                    continue
                 arch = {**BASE, **choice}
                 flags = [f"--arch.{k}={v}" for k, v in arch.items()]
                 losses, longer, rates, extra = [], [], [], ""
@@ -282,6 +284,7 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seeds", default="0")
     p.add_argument("--only", default="positions,norms,ffn,moe")
+    p.add_argument("--where", help="run only the choice with this key=value, e.g. position=sinusoidal")
     p = sub.add_parser("vocab")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--heldout", type=int, default=150)

@@ -17,11 +17,13 @@ import logging
 import math
 import tempfile
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import AutoModelForCausalLM
 
 from llmlab.config import build, field
@@ -138,7 +140,22 @@ def lab_config(cfg: PretrainConfig, vocab_size: int, tokenizer=None) -> LabConfi
     if tokenizer is not None and fields.get("vocab_size", vocab_size) < len(tokenizer):
         raise LlmlabError(f"--arch.vocab-size {fields['vocab_size']} is smaller than the tokenizer's {len(tokenizer)} "
                           f"tokens; leave it out (the tokenizer's size, rounded up to a multiple of 64) or raise it")
-    return LabConfig(**{"vocab_size": vocab_size, **fields})
+    return _lab(**{"vocab_size": vocab_size, **fields})
+
+
+def _lab(**fields) -> LabConfig:
+    """LabConfig from command-line values: a whole number for a float key is that float (`--arch.dropout 0`), and a
+    value of the wrong type is a one-line error naming the key."""
+    hints = LabConfig.__annotations__  # the lab's own keys (the base class's hints name torch lazily)
+    for key, value in fields.items():
+        hint = hints.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and float in (hint, *typing.get_args(hint)):
+            fields[key] = float(value)
+    try:
+        return LabConfig(**fields)
+    except (TypeError, ValueError, StrictDataclassFieldValidationError) as e:  # huggingface_hub's strict validation
+        message = " ".join(str(e).split())
+        raise LlmlabError(f"model config: {message}") from None
 
 
 def pretrain(cfg: PretrainConfig, opts: RunOptions) -> dict:

@@ -76,11 +76,17 @@ def test_progressive_layer_drop_schedule_and_batch_warmup_follow_their_formulas(
     (["--arch.num-experts", "2", "--arch.num-experts-per-tok", "3"], "num_experts_per_tok"),
     (["--arch.hiden-size", "64"], "did you mean 'hidden_size'"),
     (["--objective", "mlm"], "unknown --objective"),
+    (["--arch.dropout", "yes"], "dropout"),
 ])
 def test_inconsistent_configs_are_one_line_errors(text, tmp_path, capsys, args, message):
     code = main(["pretrain", "--data", str(text), "--tokenizer", "tiny-llama", *args, "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+def test_whole_numbers_are_fine_for_float_keys(text, tmp_path):
+    assert main(["pretrain", "--data", str(text), *TINY, "--arch.num-experts", "2", "--arch.moe-aux-loss-coef", "0",
+                 "--arch.dropout", "0", "--train.max-steps", "1", "--out", str(tmp_path / "r")]) == 0
 
 
 def test_objectives_beyond_causal_need_the_lab_decoder(text, tmp_path, capsys):
