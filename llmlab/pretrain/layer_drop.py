@@ -24,9 +24,9 @@ class LayerDropConfig:
 
     def __post_init__(self):
         if not 0 < self.theta <= 1:
-            raise LlmlabError(f"--layer-drop.theta must be in (0, 1], got {self.theta}")
+            raise LlmlabError(f"--pld.theta must be in (0, 1], got {self.theta}")
         if self.gamma is not None and self.gamma <= 0:
-            raise LlmlabError(f"--layer-drop.gamma must be positive, got {self.gamma}")
+            raise LlmlabError(f"--pld.gamma must be positive, got {self.gamma}")
 
 
 def keep_probabilities(step: int, n_layers: int, theta_bar: float, gamma: float) -> list[float]:

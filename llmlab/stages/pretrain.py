@@ -83,7 +83,7 @@ class PretrainConfig:
     replay_data: str | None = field(None, help="continual pretraining: old-domain data mixed back in")
     replay_fraction: float = field(0.0, help="share of windows drawn from --replay-data")
     layer_drop: bool = field(False, help="progressive layer dropping (Zhang & He 2020)")
-    layer_drop_opts: LayerDropConfig = field(default_factory=LayerDropConfig, help="its schedule")
+    pld: LayerDropConfig = field(default_factory=LayerDropConfig, help="the layer-dropping schedule")
     compile: bool = field(False, help="torch.compile the model (needs a C++ compiler on CPU)")
     device: str = field("auto", help="cpu, cuda or auto")
     nproc: int = field(1, help="data-parallel processes (launches torchrun)")
@@ -218,13 +218,13 @@ class StepHook:
     def __init__(self, model, cfg: PretrainConfig, world: int, per_token: float, peak: float):
         self.model, self.cfg, self.world, self.per_token, self.peak = model, cfg, world, per_token, peak
         self.layers = len(model.model.layers) if isinstance(model, LabForCausalLM) else 0
-        self.gamma = cfg.layer_drop_opts.gamma or 10 / (cfg.train.max_steps or 1000)
+        self.gamma = cfg.pld.gamma or 10 / (cfg.train.max_steps or 1000)
         self.clock = time.perf_counter()
         if cfg.layer_drop:
             self.model.model.layer_keep = self.keep(0)
 
     def keep(self, step: int) -> list[float]:
-        return keep_probabilities(step, self.layers, self.cfg.layer_drop_opts.theta, self.gamma)
+        return keep_probabilities(step, self.layers, self.cfg.pld.theta, self.gamma)
 
     def __call__(self, step: int) -> dict:
         now, cfg = time.perf_counter(), self.cfg
