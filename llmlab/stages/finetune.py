@@ -19,7 +19,6 @@ for a GPTQ/AWQ base, quantize first and pass the quantized folder as --model.
 import dataclasses
 import functools
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch.nn.functional as F
@@ -35,7 +34,7 @@ from llmlab.models import save_model
 from llmlab.models.load import ModelOptions
 from llmlab.peft import apply_method, print_trainable_parameters, save_adapter, trainable_parameters
 from llmlab.runs import RunOptions, start_run
-from llmlab.train import TrainConfig, fit, latest_checkpoint, seed_everything
+from llmlab.train import TrainConfig, fit, resume_source, seed_everything
 from llmlab.train.loop import frozen_linears_to_bf16
 
 log = logging.getLogger("llmlab")
@@ -98,7 +97,7 @@ def sft_loss(model, batch: dict):
 def finetune(cfg: FinetuneConfig, opts: RunOptions) -> dict:
     if not cfg.data:
         raise LlmlabError("finetune needs training data: --data FILE (.jsonl, .json, .csv, .parquet) or a hub id")
-    resume = _resume_source(cfg, opts)
+    resume = resume_source(opts.out, cfg.resume, cfg.resume_from)
     model, tokenizer = cfg.load_model()
     data = load_sft_data(cfg.data, tokenizer, eval_data=cfg.eval_data, eval_fraction=cfg.eval_fraction,
                          fmt=cfg.format, template=cfg.template, max_len=cfg.max_len, packing=cfg.packing,
@@ -151,16 +150,3 @@ def _quantize_base(model, cfg: FinetuneConfig):
     return quantize_model(model, cfg.quantize, None, **cfg.quant)
 
 
-def _resume_source(cfg: FinetuneConfig, opts: RunOptions) -> Path | None:
-    """The checkpoint a resumed run starts from, found before any model is loaded."""
-    if cfg.resume_from:
-        source = Path(cfg.resume_from)
-    elif cfg.resume:
-        if not opts.out:
-            raise LlmlabError("--resume continues the run in --out DIR; give the run folder with --out")
-        source = Path(opts.out) / "checkpoints"
-    else:
-        return None
-    if latest_checkpoint(source) is None:
-        raise LlmlabError(f"no checkpoint to resume from in {source}; runs write them every --train.save-every steps")
-    return source

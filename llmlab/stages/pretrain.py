@@ -37,7 +37,7 @@ from llmlab.models.lab.moe import MoE
 from llmlab.pretrain.layer_drop import LayerDropConfig, keep_probabilities
 from llmlab.pretrain.vocab import extend_vocabulary, is_chinese, new_pieces
 from llmlab.runs import RunOptions, start_run
-from llmlab.train import TrainConfig, fit, latest_checkpoint, seed_everything
+from llmlab.train import TrainConfig, fit, resume_source, seed_everything
 from llmlab.train import distributed as dist
 from llmlab.train.flops import active_parameters, flops_per_token, matmul_peak
 from llmlab.train.loop import micro_batches
@@ -169,7 +169,7 @@ def pretrain(cfg: PretrainConfig, opts: RunOptions) -> dict:
     if cfg.train.batch_size % world:
         raise LlmlabError(f"--train.batch-size {cfg.train.batch_size} is the global micro-batch and must split evenly "
                           f"over {world} processes; use a multiple of {world}")
-    resume = _resume_source(cfg, opts)
+    resume = resume_source(opts.out, cfg.resume)
     model, tokenizer = build_model(cfg, device)
     _check_resume(cfg, opts, model)
     train_data, eval_data = _data(cfg, tokenizer, model.config.vocab_size)
@@ -364,17 +364,6 @@ def _save(model, state: dict, tokenizer, folder: Path, sharded: bool) -> Path:
         whole.generation_config = model.generation_config
         model = whole
     return save_model(model, tokenizer, folder)
-
-
-def _resume_source(cfg: PretrainConfig, opts: RunOptions) -> Path | None:
-    if not cfg.resume:
-        return None
-    if not opts.out:
-        raise LlmlabError("--resume continues the run in --out DIR; give the run folder with --out")
-    source = Path(opts.out) / "checkpoints"
-    if latest_checkpoint(source) is None:
-        raise LlmlabError(f"no checkpoint to resume from in {source}; runs write them every --train.save-every steps")
-    return source
 
 
 def _launch(cfg: PretrainConfig, opts: RunOptions) -> dict:

@@ -182,6 +182,22 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resume_source(out: str | None, resume: bool, resume_from: str | None = None) -> Path | None:
+    """The checkpoint folder a stage resumes from (`--resume-from DIR`, or `--resume`: the checkpoints of the run
+    in `--out`), checked before any model is loaded; None when the run starts afresh."""
+    if resume_from:
+        source = Path(resume_from)
+    elif resume:
+        if not out:
+            raise LlmlabError("--resume continues the run in --out DIR; give the run folder with --out")
+        source = Path(out) / "checkpoints"
+    else:
+        return None
+    if latest_checkpoint(source) is None:
+        raise LlmlabError(f"no checkpoint to resume from in {source}; runs write them every --train.save-every steps")
+    return source
+
+
 def prune_checkpoints(root: str | Path, keep: int):
     """Delete all but the newest `keep` checkpoints (keep <= 0 keeps them all)."""
     if keep > 0 and _writer():
