@@ -27,6 +27,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from llmlab.atomic import atomic_dir
 from llmlab.errors import LlmlabError
+from llmlab.train.distributed import is_main
 
 PREFIX = "step-"
 
@@ -46,18 +47,13 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _writer() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
-        torch.distributed.get_rank() == 0
-
-
 def save_checkpoint(folder: str | Path, model, optimizer, state: dict) -> Path:
     """Write `model`'s trainable parameters, `optimizer`, the RNG states and `state` (JSON) to `folder`."""
     folder = Path(folder)
     params = trainable_state(model)  # gathered on every rank, written by rank 0 only
     opt_tensors, opt_json = _split_optimizer(optimizer.state_dict())
     rng_tensors, rng_json = _rng_state()
-    if not _writer():
+    if not is_main():
         return folder
     with atomic_dir(folder) as tmp:
         save_file(params, tmp / "trainable.safetensors")
@@ -200,6 +196,6 @@ def resume_source(out: str | None, resume: bool, resume_from: str | None = None)
 
 def prune_checkpoints(root: str | Path, keep: int):
     """Delete all but the newest `keep` checkpoints (keep <= 0 keeps them all)."""
-    if keep > 0 and _writer():
+    if keep > 0 and is_main():
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

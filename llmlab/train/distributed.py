@@ -73,18 +73,24 @@ def full_state_dict(model) -> dict:
     """Every parameter and buffer whole, on the CPU (gathers FSDP2 shards: every rank must call it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    if not (dist.is_available() and dist.is_initialized()):
+    if not active():
         return unwrap(model).state_dict()
     return get_model_state_dict(unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def active() -> bool:
+    """Whether this process is in a process group (launched by torchrun and initialised)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def is_main() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    """Rank 0, or the only process: the one that logs and writes."""
+    return not active() or dist.get_rank() == 0
 
 
 def broadcast(value):
     """Rank 0's `value` on every rank (a no-op outside a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not active():
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
@@ -99,6 +105,6 @@ def launch(nproc: int, argv: list[str]) -> int:
 
 
 def finish():
-    if dist.is_available() and dist.is_initialized():
+    if active():
         dist.barrier()
         dist.destroy_process_group()

@@ -31,6 +31,7 @@ from llmlab.config import field
 from llmlab.data.packing import to_device
 from llmlab.data.text import lines
 from llmlab.errors import LlmlabError
+from llmlab.train import distributed
 from llmlab.train.checkpoint import (checkpoint_name, latest_checkpoint, load_checkpoint, prune_checkpoints,
                                      restore_rng, save_checkpoint)
 from llmlab.train.schedule import lr_at
@@ -329,8 +330,8 @@ def micro_batches(step: int, cfg: TrainConfig) -> int:
 
 def rank_and_world(model) -> tuple[int, int]:
     """(this process's rank, number of processes) when the model is wrapped for data parallelism, else (0, 1)."""
-    distributed = hasattr(model, "require_backward_grad_sync") or hasattr(model, "set_requires_gradient_sync")
-    if not (distributed and torch.distributed.is_available() and torch.distributed.is_initialized()):
+    wrapped = hasattr(model, "require_backward_grad_sync") or hasattr(model, "set_requires_gradient_sync")  # DDP, FSDP2
+    if not (wrapped and distributed.active()):
         return 0, 1
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
@@ -393,12 +394,12 @@ def gradient_sync(model, sync: bool):
 
 def _global_count(model, n: int, device) -> tuple[int, int]:
     """(ranks whose gradients were averaged, targets summed over them); (1, n) outside data parallelism."""
-    distributed = hasattr(model, "require_backward_grad_sync") or hasattr(model, "set_requires_gradient_sync")
-    if not (distributed and torch.distributed.is_available() and torch.distributed.is_initialized()):
+    _, world = rank_and_world(model)
+    if world == 1:
         return 1, n
     count = torch.tensor([n], dtype=torch.long, device=device)
     torch.distributed.all_reduce(count)
-    return torch.distributed.get_world_size(), int(count.item())
+    return world, int(count.item())
 
 
 @contextlib.contextmanager
