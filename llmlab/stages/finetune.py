@@ -21,13 +21,11 @@ import functools
 import logging
 from typing import Any
 
-import torch.nn.functional as F
-
 from llmlab import methods
 from llmlab.compress import quantize_model
 from llmlab.compress.quantize import get_method
 from llmlab.config import build, field
-from llmlab.data.packing import IGNORE, collate, model_inputs, packing_mode
+from llmlab.data.packing import collate, packing_mode
 from llmlab.data.sft import FORMATS, TEMPLATES, load_sft_data
 from llmlab.errors import LlmlabError
 from llmlab.models import save_model
@@ -35,6 +33,7 @@ from llmlab.models.load import ModelOptions
 from llmlab.peft import apply_method, print_trainable_parameters, save_adapter, trainable_parameters
 from llmlab.runs import RunOptions, start_run
 from llmlab.train import TrainConfig, fit, resume_source, seed_everything
+from llmlab.train.losses import sft_loss  # the module docstring's loss
 from llmlab.train.loop import frozen_linears_to_bf16
 
 log = logging.getLogger("llmlab")
@@ -83,15 +82,6 @@ class FinetuneConfig(ModelOptions):
             raise LlmlabError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
         if self.eval_fraction and self.eval_data:
             raise LlmlabError("give --eval-data or --eval-fraction, not both")
-
-
-def sft_loss(model, batch: dict):
-    """Summed cross-entropy of the reply tokens, and how many there are (see the module docstring)."""
-    logits = model(**model_inputs(model, batch)).logits  # (B, T, V)
-    targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                           ignore_index=IGNORE, reduction="sum")
-    return loss, int((targets != IGNORE).sum())
 
 
 def finetune(cfg: FinetuneConfig, opts: RunOptions) -> dict:

@@ -77,11 +77,16 @@ def soft_cross_entropy(student_logits, teacher_logits) -> torch.Tensor:
 
 # ---- loss functions for the training loop ----
 
+def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(Σ cross-entropy over the targets that are not IGNORE, how many there are): what fit()'s losses return."""
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss, int((targets != IGNORE).sum())
+
+
 def sft_loss(model, batch: dict):
     """Summed cross-entropy of the target tokens, and how many there are."""
-    logits, targets, mask = shifted(model(**model_inputs(model, batch)).logits, batch["labels"])  # (B, T-1, V)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-    return loss, int(mask.sum())
+    logits, targets, _ = shifted(model(**model_inputs(model, batch)).logits, batch["labels"])  # (B, T-1, V)
+    return summed_cross_entropy(logits, targets)
 
 
 class KDLoss:

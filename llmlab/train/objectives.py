@@ -23,10 +23,10 @@ import zlib
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from llmlab.data.packing import IGNORE
 from llmlab.errors import LlmlabError
+from llmlab.train.losses import summed_cross_entropy
 
 OBJECTIVES = ("causal", "prefix", "span", "ul2")
 N_SENTINELS = 100
@@ -52,9 +52,7 @@ def lm_loss(model, batch: dict):
         if key in batch:
             kwargs[key] = batch[key]
     out = model(**kwargs)
-    targets = batch["targets"]
-    loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-    n = int((targets != IGNORE).sum())
+    loss, n = summed_cross_entropy(out.logits, batch["targets"])
     aux = getattr(out, "aux_loss", None)
     return (loss + aux * n if aux is not None else loss), n
 
@@ -154,9 +152,7 @@ def seq2seq_loss(model, batch: dict):
     """Summed cross-entropy of an encoder-decoder's targets (teacher forcing) and their count."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                    use_cache=False).logits
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE,
-                           reduction="sum")
-    return loss, int((batch["labels"] != IGNORE).sum())
+    return summed_cross_entropy(logits, batch["labels"])
 
 
 def prefix_row(window: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray, int]:
