@@ -9,7 +9,8 @@ Documents are joined with the tokenizer's EOS between them, as GPT-2/nanoGPT pre
 `Windows` is a plain sequence, so the one `fit()` loop shuffles and resumes it like any dataset:
 "sequential" windows tile each part of the stream without overlap (one token shared, for the
 shifted target); "random" windows start anywhere (nanoGPT's sampler), the start of window i a
-function of (seed, i) alone, so a resumed run reads the same windows.
+function of (seed, i) alone, so a resumed run reads the same windows. `Mixture` draws a fraction of
+the items from a second (old-domain) set of windows, for replay in continual pretraining.
 """
 
 import json
@@ -152,3 +153,19 @@ class Windows:
             k = int(np.searchsorted(self._tiles, i, side="right"))
             start = (i - (int(self._tiles[k - 1]) if k else 0)) * self.seq_len
         return np.asarray(self.parts[k][start:start + self.seq_len + 1], dtype=np.int64)
+
+
+class Mixture:
+    """Windows of `new` with a `fraction` of `old` mixed in (replay against forgetting in continual pretraining):
+    item i comes from old when a draw seeded by (seed, i) falls under the fraction."""
+
+    def __init__(self, new, old, fraction: float, seed: int):
+        self.new, self.old, self.fraction, self.seed = new, old, fraction, seed
+
+    def __len__(self) -> int:
+        return round(len(self.new) / (1 - self.fraction))
+
+    def __getitem__(self, i: int):
+        if np.random.default_rng([self.seed, 7, int(i)]).random() < self.fraction:
+            return self.old[int(i) % len(self.old)]
+        return self.new[int(i) % len(self.new)]

@@ -11,6 +11,7 @@ run folder holds the model as an HF folder (`<run>/model`), metrics with tokens/
 checkpoints that `--resume` continues exactly, on any number of processes.
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -26,10 +27,10 @@ import yaml
 from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import AutoModelForCausalLM
 
-from llmlab.config import build, field
-from llmlab.data.corpus import Corpus, Windows
+from llmlab.config import field
+from llmlab.data.corpus import Corpus, Mixture, Windows
 from llmlab.data.shards import load_tokenizer
-from llmlab.errors import LlmlabError
+from llmlab.errors import LlmlabError, closest
 from llmlab.models import load_model, save_model
 from llmlab.models.lab import LabConfig, LabForCausalLM
 from llmlab.models.lab.convert import t5_config
@@ -128,8 +129,6 @@ def lab_config(cfg: PretrainConfig, vocab_size: int, tokenizer=None) -> LabConfi
     names = {f.name for f in dataclasses.fields(LabConfig)}
     unknown = sorted(set(fields) - names)
     if unknown:
-        from llmlab.errors import closest
-
         raise LlmlabError(f"unknown key 'arch.{unknown[0]}'{closest(unknown[0], names)}")
     if fields["max_position_embeddings"] < cfg.seq_len:
         raise LlmlabError(f"--arch.max-position-embeddings {fields['max_position_embeddings']} is shorter than "
@@ -186,7 +185,7 @@ def pretrain(cfg: PretrainConfig, opts: RunOptions) -> dict:
     wrapped = dist.wrap(model, cfg.parallel, find_unused=sparse) if world > 1 else model
     trained = torch.compile(wrapped) if cfg.compile else wrapped
     per_rank = dataclasses.replace(cfg.train, batch_size=cfg.train.batch_size // world)
-    with start_run("pretrain", cfg, opts) if rank == 0 else _null() as run:
+    with start_run("pretrain", cfg, opts) if rank == 0 else contextlib.nullcontext() as run:
         run_path = Path(dist.broadcast(str(run.path) if rank == 0 else None))
         if rank == 0:
             (run_path / "model_config.json").write_text(json.dumps(_arch_dict(model), indent=1), encoding="utf-8")
@@ -297,24 +296,6 @@ def _data(cfg: PretrainConfig, tokenizer, vocab_size: int):
     return data, evaluation
 
 
-class Mixture:
-    """Windows of `new` with a `fraction` of `old` mixed in (replay against forgetting): item i comes from
-    old when a draw seeded by (seed, i) falls under the fraction."""
-
-    def __init__(self, new, old, fraction: float, seed: int):
-        self.new, self.old, self.fraction, self.seed = new, old, fraction, seed
-
-    def __len__(self) -> int:
-        return round(len(self.new) / (1 - self.fraction))
-
-    def __getitem__(self, i: int):
-        import numpy as np
-
-        if np.random.default_rng([self.seed, 7, int(i)]).random() < self.fraction:
-            return self.old[int(i) % len(self.old)]
-        return self.new[int(i) % len(self.new)]
-
-
 def _expert_metrics(model) -> dict:
     """Per-expert token counts (summed over layers) of the last step, their coefficient of variation, drops."""
     moes = [m for m in model.modules() if isinstance(m, MoE)]
@@ -342,14 +323,6 @@ def _check_resume(cfg: PretrainConfig, opts: RunOptions, model) -> None:
 def _arch_dict(model) -> dict:
     d = model.config.to_dict()
     return {k: v for k, v in d.items() if k not in ("transformers_version", "use_cache", "dtype", "torch_dtype")}
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _save(model, state: dict, tokenizer, folder: Path, sharded: bool) -> Path:
@@ -382,4 +355,4 @@ def _launch(cfg: PretrainConfig, opts: RunOptions) -> dict:
     return json.loads((out / "summary.json").read_text(encoding="utf-8"))
 
 
-__all__ = ["PretrainConfig", "build", "pretrain"]
+__all__ = ["PretrainConfig", "pretrain"]
