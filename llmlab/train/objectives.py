@@ -90,7 +90,7 @@ class Collate:
         n = len(window)
         if self.objective == "causal":
             return window, np.ones(n, dtype=bool), 0
-        rng = np.random.default_rng([self.seed, zlib.crc32(window.tobytes())])
+        rng = self.rng(window)
         if self.objective == "prefix":
             return prefix_row(window, rng)
         if self.objective == "span":
@@ -102,6 +102,10 @@ class Collate:
         mode, mean_span, rate = denoisers[rng.integers(len(denoisers))]
         inp, tgt = span_corrupt(window, rng, mean_span, rate, self.sentinels, self.eos_id)
         return self.fit_to((np.concatenate([[self.modes[mode]], inp]), tgt), n)
+
+    def rng(self, window: np.ndarray) -> np.random.Generator:
+        """The row's own generator: a function of (seed, its tokens), so a resumed run corrupts it the same way."""
+        return np.random.default_rng([self.seed, zlib.crc32(window.tobytes())])
 
     @staticmethod
     def fit_to(parts, n: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -123,28 +127,18 @@ class Seq2SeqCollate:
         self.pad = tokenizer.pad_token_id
 
     def __call__(self, windows) -> dict:
-        pairs = []
-        for w in windows:
-            w = np.asarray(w, dtype=np.int64)
-            rng = np.random.default_rng([self.inner.seed, zlib.crc32(w.tobytes())])
-            pairs.append(span_corrupt(w, rng, 3, 0.15, self.inner.sentinels, self.inner.eos_id))
+        pairs = [span_corrupt(w, self.inner.rng(w), 3, 0.15, self.inner.sentinels, self.inner.eos_id)
+                 for w in (np.asarray(w, dtype=np.int64) for w in windows)]
         inputs = _pad([p[0] for p in pairs], self.pad)
-        labels = _pad([p[1] for p in pairs], IGNORE)
-        return {"input_ids": inputs, "attention_mask": _real([p[0] for p in pairs]), "labels": labels}
+        lengths = torch.tensor([len(p[0]) for p in pairs])  # the mask by length: a real token may be the pad id
+        return {"input_ids": inputs, "attention_mask": torch.arange(inputs.shape[1])[None] < lengths[:, None],
+                "labels": _pad([p[1] for p in pairs], IGNORE)}
 
 
 def _pad(rows, value) -> torch.Tensor:
     out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
     for i, r in enumerate(rows):
         out[i, :len(r)] = torch.from_numpy(r)
-    return out
-
-
-def _real(rows) -> torch.Tensor:
-    """True over each row's own tokens (a real token may share the pad id)."""
-    out = torch.zeros((len(rows), max(len(r) for r in rows)), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = True
     return out
 
 
