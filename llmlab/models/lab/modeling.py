@@ -218,7 +218,7 @@ class LabModel(LabPreTrainedModel):
         qi = torch.arange(past, past + T, device=device)
         kj = torch.arange(past + T, device=device)
         allowed = (kj[None, :] <= qi[:, None])[None]  # (1, T, S)
-        if prefix_lengths is not None and self.config.attention == "prefix":  # a causal decoder ignores them
+        if prefix:  # a causal decoder ignores prefix lengths
             n = prefix_lengths.to(device)[:, None, None]
             allowed = allowed | ((qi[None, :, None] < n) & (kj[None, None, :] < n))
         if segment_ids is not None:
@@ -240,7 +240,7 @@ def _positions(attention_mask, past: int, T: int, device) -> torch.Tensor:
     return counted.clamp(min=0)[:, -T:]
 
 
-def _prompt_lengths(input_ids, attention_mask) -> torch.Tensor:
+def _prompt_lengths(input_ids) -> torch.Tensor:
     """A prefix LM's prefix when it generates: the whole prompt (the prefill of a decoding loop, which asks
     for a cache). Left padding sits at the start, so the prompt's last index is the row's full length."""
     return torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device)
@@ -254,6 +254,8 @@ class LabForCausalLM(LabPreTrainedModel, GenerationMixin):
         self.model = LabModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        # found once, not on every forward (decoding runs one per token); a plain list, so not registered twice
+        self._moe_layers = [m for m in self.modules() if isinstance(m, MoE)]
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
@@ -267,7 +269,7 @@ class LabForCausalLM(LabPreTrainedModel, GenerationMixin):
         cache = cache if cache is not None else past_key_values
         if (self.config.attention == "prefix" and prefix_lengths is None and use_cache is True and input_ids is not None
                 and input_ids.shape[1] > 1 and (cache is None or cache.get_seq_length() == 0)):
-            prefix_lengths = _prompt_lengths(input_ids, attention_mask)
+            prefix_lengths = _prompt_lengths(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         for moe in self.moe_layers():
             moe.reset()  # a layer dropped in this pass must not hand on the last pass's losses
@@ -288,7 +290,7 @@ class LabForCausalLM(LabPreTrainedModel, GenerationMixin):
         return sum(losses) if losses else None
 
     def moe_layers(self) -> list[MoE]:
-        return [m for m in self.modules() if isinstance(m, MoE)]
+        return self._moe_layers
 
 
 AutoConfig.register(MODEL_TYPE, LabConfig, exist_ok=True)
