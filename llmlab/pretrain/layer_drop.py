@@ -32,7 +32,3 @@ class LayerDropConfig:
 def keep_probabilities(step: int, n_layers: int, theta_bar: float, gamma: float) -> list[float]:
     theta = (1 - theta_bar) * math.exp(-gamma * step) + theta_bar
     return [1 - (layer / n_layers) * (1 - theta) for layer in range(1, n_layers + 1)]
-
-
-def expected_layers(keep: list[float]) -> float:
-    return sum(keep)
